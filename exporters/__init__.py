@@ -1,0 +1,1 @@
+"""Exporters: read the monitor's transitions and state, never change them."""

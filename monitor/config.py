@@ -1,0 +1,386 @@
+"""Frozen settings from one TOML file, EXECWATCH_* variables and flags; the only reader of env."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any
+
+from monitor.errors import ConfigError
+from monitor.states import ExecState
+
+ENV_PREFIX = "EXECWATCH_"
+CLIENT_ENV = frozenset({"EXECWATCH_URL", "EXECWATCH_TOKEN", "EXECWATCH_CONFIG"})
+"""Variables the SDK and the CLI read for themselves; not daemon settings."""
+
+MEMORY_POLICIES = ("observe", "fail", "terminate")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Detector limits for one agent; None means "not set here" (inherit, or no such clock)."""
+
+    start_timeout_s: float | None = None
+    run_timeout_s: float | None = None
+    timeout_s: float | None = None
+    heartbeat_timeout_s: float | None = None
+    stall_timeout_s: float | None = None
+    memory_limit_bytes: int | None = None
+    memory_soft_fraction: float | None = None
+    memory_hold_s: float | None = None
+    memory_trend_horizon_s: float | None = None
+    terminate_grace_s: float | None = None
+    memory_policy: str | None = None
+
+    def over(self, base: Limits) -> Limits:
+        """These limits where set, else `base`'s."""
+        return Limits(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(_values(self), _values(base), strict=True)
+            )
+        )
+
+
+def _values(limits: Limits) -> tuple[Any, ...]:
+    return tuple(getattr(limits, f.name) for f in fields(Limits))
+
+
+DEFAULT_LIMITS = Limits(
+    heartbeat_timeout_s=30.0,
+    memory_soft_fraction=0.8,
+    memory_hold_s=10.0,
+    memory_trend_horizon_s=300.0,
+    terminate_grace_s=10.0,
+    memory_policy="observe",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """Per-agent circuit breakers, with resilience4j's names (rates as a 0-1 ratio)."""
+
+    failure_rate_threshold: float = 0.5
+    minimum_calls: int = 10
+    window_size: int = 50
+    window_s: float | None = None
+    wait_in_open_s: float = 30.0
+    permitted_calls_in_half_open: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """How much the registry keeps, so memory stays flat under endless traffic."""
+
+    finished_s: float = 3600.0
+    """Seconds a finished execution stays visible before it is evicted."""
+    max_finished: int = 10000
+    """Finished executions kept at most; the oldest go first."""
+    history: int = 100
+    """Transitions kept per execution; the oldest go first."""
+    event_ids: int = 100000
+    """event_id values remembered for idempotency; the oldest are forgotten first."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon is configured with; built by load_settings, never mutated."""
+
+    host: str = "127.0.0.1"
+    port: int = 9478
+    database: str = "execwatch.db"
+    max_body_bytes: int = 4 * 1024 * 1024
+    defaults: Limits = DEFAULT_LIMITS
+    agents: Mapping[str, Limits] = field(default_factory=lambda: MappingProxyType({}))
+    breaker: BreakerSettings = BreakerSettings()
+    retention: RetentionSettings = RetentionSettings()
+    tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    aliases: Mapping[str, ExecState] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def listen(self) -> str:
+        """The listen address as HOST:PORT (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @cached_property
+    def _merged(self) -> dict[str, Limits]:
+        return {name: limits.over(self.defaults) for name, limits in self.agents.items()}
+
+    def limits_for(self, agent: str) -> Limits:
+        """The limits of `agent`: its [agents.NAME] table over [defaults]."""
+        return self._merged.get(agent, self.defaults)
+
+
+# ---- validation --------------------------------------------------------------------------
+
+Check = Callable[[object], str | None]
+"""Returns None when the value is good, else what was expected."""
+
+
+def _number(minimum: float = 0.0, *, above: bool = True, maximum: float = math.inf) -> Check:
+    def check(value: object) -> str | None:
+        if type(value) in (int, float) and math.isfinite(value):  # type: ignore[arg-type]
+            low_ok = value > minimum if above else value >= minimum  # type: ignore[operator]
+            if low_ok and value <= maximum:  # type: ignore[operator]
+                return None
+        bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+        return f"a number {bound}" + (f" and <= {maximum:g}" if maximum < math.inf else "")
+
+    return check
+
+
+def _integer(minimum: int) -> Check:
+    def check(value: object) -> str | None:
+        if type(value) is int and value >= minimum:
+            return None
+        return f"an integer >= {minimum}"
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(value: object) -> str | None:
+        return None if value in options else "one of " + ", ".join(options)
+
+    return check
+
+
+def _string(value: object) -> str | None:
+    return None if type(value) is str and value else "a non-empty string"
+
+
+_SECONDS = _number()
+LIMIT_KEYS: Mapping[str, Check] = {
+    "start_timeout_s": _SECONDS,
+    "run_timeout_s": _SECONDS,
+    "timeout_s": _SECONDS,
+    "heartbeat_timeout_s": _SECONDS,
+    "stall_timeout_s": _SECONDS,
+    "memory_limit_bytes": _integer(1),
+    "memory_soft_fraction": _number(0.0, maximum=1.0),
+    "memory_hold_s": _number(0.0, above=False),
+    "memory_trend_horizon_s": _SECONDS,
+    "terminate_grace_s": _number(0.0, above=False),
+    "memory_policy": _choice(MEMORY_POLICIES),
+}
+BREAKER_KEYS: Mapping[str, Check] = {
+    "failure_rate_threshold": _number(0.0, maximum=1.0),
+    "minimum_calls": _integer(1),
+    "window_size": _integer(1),
+    "window_s": _SECONDS,
+    "wait_in_open_s": _SECONDS,
+    "permitted_calls_in_half_open": _integer(1),
+}
+RETENTION_KEYS: Mapping[str, Check] = {
+    "finished_s": _number(0.0, above=False),
+    "max_finished": _integer(0),
+    "history": _integer(1),
+    "event_ids": _integer(0),
+}
+SCALAR_KEYS: Mapping[str, Check] = {
+    "listen": _string,
+    "database": _string,
+    "max_body_bytes": _integer(1024),
+}
+TABLE_KEYS = ("defaults", "agents", "breaker", "retention", "auth", "aliases")
+_FLOAT_KEYS = frozenset({"memory_soft_fraction", "failure_rate_threshold"})
+
+
+def _table(
+    raw: Mapping[str, Any], where: str, keys: Mapping[str, Check], problems: list[str]
+) -> dict[str, Any]:
+    good: dict[str, Any] = {}
+    for key, value in raw.items():
+        check = keys.get(key)
+        if check is None:
+            problems.append(f"{where}: unknown key {key!r}; allowed: {', '.join(keys)}")
+            continue
+        expected = check(value)
+        if expected is not None:
+            problems.append(f"{where}.{key} = {value!r}: expected {expected}")
+            continue
+        good[key] = float(value) if key.endswith("_s") or key in _FLOAT_KEYS else value
+    return good
+
+
+def _sub(raw: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(f"[{key}] must be a table, got {value!r}")
+        return {}
+    return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) to a pair; raise ValueError naming what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"listen = {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9478")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen = {value!r}: the port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def build_settings(raw: Mapping[str, Any]) -> Settings:
+    """Validate a raw (TOML-shaped) mapping; raise ConfigError naming every bad key and value."""
+    problems: list[str] = []
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in TABLE_KEYS:
+            continue
+        if key not in SCALAR_KEYS:
+            allowed = ", ".join([*SCALAR_KEYS, *(f"[{t}]" for t in TABLE_KEYS)])
+            problems.append(f"top level: unknown key {key!r}; allowed: {allowed}")
+            continue
+        expected = SCALAR_KEYS[key](value)
+        if expected is None:
+            top[key] = value
+        else:
+            problems.append(f"{key} = {value!r}: expected {expected}")
+    values: dict[str, Any] = {}
+    if "listen" in top:
+        try:
+            values["host"], values["port"] = parse_listen(top["listen"])
+        except ValueError as exc:
+            problems.append(str(exc))
+    for key in ("database", "max_body_bytes"):
+        if key in top:
+            values[key] = top[key]
+
+    defaults = _table(_sub(raw, "defaults", problems), "[defaults]", LIMIT_KEYS, problems)
+    values["defaults"] = replace(DEFAULT_LIMITS, **defaults)
+
+    agents: dict[str, Limits] = {}
+    for name, table in _sub(raw, "agents", problems).items():
+        if not isinstance(table, dict):
+            problems.append(f"[agents.{name}] must be a table, got {table!r}")
+            continue
+        agents[name] = Limits(**_table(table, f"[agents.{name}]", LIMIT_KEYS, problems))
+    values["agents"] = MappingProxyType(agents)
+
+    breaker_raw = _sub(raw, "breaker", problems)
+    breaker = _table(breaker_raw, "[breaker]", BREAKER_KEYS, problems)
+    if "window_s" in breaker and "window_size" in breaker:
+        problems.append(
+            "[breaker]: set window_size (a count-based window) or window_s "
+            "(a time-based window), not both"
+        )
+    values["breaker"] = BreakerSettings(**breaker)
+    values["retention"] = RetentionSettings(
+        **_table(_sub(raw, "retention", problems), "[retention]", RETENTION_KEYS, problems)
+    )
+
+    auth = _sub(raw, "auth", problems)
+    for key in auth:
+        if key != "tokens":
+            problems.append(f"[auth]: unknown key {key!r}; allowed: tokens")
+    tokens: dict[str, str] = {}
+    for token, tenant in _sub(auth, "tokens", problems).items():
+        if type(tenant) is not str or not tenant:
+            problems.append(
+                f"[auth.tokens]: the token ending {token[-4:]!r} must map to a tenant name "
+                f'or "*", got {tenant!r}'
+            )
+        elif len(token) < 8:
+            problems.append(
+                f"[auth.tokens]: the token ending {token[-2:]!r} is too short; use 8+ characters"
+            )
+        else:
+            tokens[token] = tenant
+    values["tokens"] = MappingProxyType(tokens)
+
+    aliases: dict[str, ExecState] = {}
+    canonical = {s.value: s for s in ExecState}
+    for alias, target in _sub(raw, "aliases", problems).items():
+        if alias.lower() in canonical:
+            problems.append(f"[aliases]: {alias!r} is a canonical state and cannot be an alias")
+        elif target not in canonical:
+            problems.append(
+                f"[aliases].{alias} = {target!r}: expected one of {', '.join(canonical)}"
+            )
+        else:
+            aliases[alias] = canonical[target]
+    values["aliases"] = MappingProxyType(aliases)
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)
+
+
+def _env_value(text: str) -> object:
+    """An environment value as TOML would read it (number, boolean, ...), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_layer(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in CLIENT_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if not all(path):
+            problems.append(f"{name}: empty key part; nest keys with a double underscore")
+            continue
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{name}: {part!r} is both a value and a table")
+                break
+        else:
+            node[path[-1]] = _env_value(text)
+    return layer
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The TOML file at `path`; raise ConfigError if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def load_settings(
+    path: str | None,
+    environ: Mapping[str, str],
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults < the TOML file at `path` < EXECWATCH_* variables < flags.
+
+    `flags` uses the file's keys (`listen`, `database`, ...). Raises ConfigError
+    naming every bad key and value at once.
+    """
+    problems: list[str] = []
+    raw = read_file(path) if path else {}
+    raw = _merge(raw, _env_layer(environ, problems))
+    raw = _merge(raw, {k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        settings = build_settings(raw)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return settings

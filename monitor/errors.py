@@ -1,0 +1,133 @@
+"""The one exception tree of execwatch.
+
+    ExecwatchError
+    ├── ConfigError              a config file, variable or flag is wrong (names every problem)
+    └── Rejection                an event the daemon will not apply; carries status and reason
+        ├── BodyError            400: the body is not JSON or NDJSON at all
+        ├── EventError           422: a field is missing, of the wrong type or out of range
+        ├── UnknownExecution     404: the execution is not known and the event cannot register it
+        ├── InvalidTransition    409: the state machine forbids the move (rule 7)
+        │   └── FinalState       409: the execution already ended (rule 6)
+        └── StaleSeq             409: the event's seq is lower than the last applied one
+    DuplicateEvent               not an error: an event_id seen before, acknowledged, not applied
+
+Messages name the field or the states involved and what was allowed, so a
+sender can fix its event from the message alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ExecwatchError(Exception):
+    """Base of every error execwatch raises on purpose."""
+
+
+class ConfigError(ExecwatchError):
+    """A configuration is invalid; `problems` lists every bad key or value."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class Rejection(ExecwatchError):
+    """An event that is not applied; `status` is the HTTP answer, `reason` the metric label."""
+
+    status: int = 422
+    reason: str = "invalid"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class BodyError(Rejection):
+    """The request body is not JSON or NDJSON."""
+
+    status = 400
+    reason = "invalid_body"
+
+
+class EventError(Rejection):
+    """One field of an event is wrong; the message names it, its value and what is allowed."""
+
+    status = 422
+
+    def __init__(self, field: str, message: str, reason: str = "invalid_field") -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(message)
+
+
+class UnknownExecution(Rejection):
+    """An event names an execution that is not known and does not register it."""
+
+    status = 404
+    reason = "unknown_execution"
+
+    def __init__(self, execution_id: str, tenant: str, hint: str = "") -> None:
+        self.execution_id = execution_id
+        self.tenant = tenant
+        message = f"execution {execution_id!r} (tenant {tenant!r}) is not known"
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class InvalidTransition(Rejection):
+    """The state machine forbids moving `execution_id` from `current` to `target`."""
+
+    status = 409
+    reason = "invalid_transition"
+
+    def __init__(
+        self, execution_id: str, current: str, target: str, allowed: Iterable[str]
+    ) -> None:
+        self.execution_id = execution_id
+        self.current = current
+        self.target = target
+        self.allowed = tuple(allowed)
+        targets = ", ".join(self.allowed) if self.allowed else "none"
+        # f"'{x}'" rather than !r: the states are StrEnums, whose repr is not the wire name.
+        super().__init__(
+            f"execution {execution_id!r} cannot go from '{current}' to '{target}'; "
+            f"allowed from '{current}': {targets}"
+        )
+
+
+class FinalState(InvalidTransition):
+    """The execution ended in a final state; nothing may follow."""
+
+    reason = "final_state"
+
+    def __init__(self, execution_id: str, current: str, target: str) -> None:
+        super().__init__(execution_id, current, target, ())
+        self.message = (
+            f"execution {execution_id!r} already ended in final state '{current}'; "
+            f"no event may follow (got '{target}')"
+        )
+        self.args = (self.message,)
+
+
+class StaleSeq(Rejection):
+    """The event's `seq` is lower than the last one applied to its execution."""
+
+    status = 409
+    reason = "stale_seq"
+
+    def __init__(self, execution_id: str, seq: int, last_seq: int) -> None:
+        self.execution_id = execution_id
+        self.seq = seq
+        self.last_seq = last_seq
+        super().__init__(
+            f"execution {execution_id!r}: seq {seq} is stale; "
+            f"the last applied seq is {last_seq}, allowed: seq >= {last_seq}"
+        )
+
+
+class DuplicateEvent(ExecwatchError):
+    """An event whose `event_id` was applied before: acknowledged, not applied again."""
+
+    def __init__(self, event_id: str) -> None:
+        self.event_id = event_id
+        super().__init__(f"event_id {event_id!r} was already applied")

@@ -1,0 +1,515 @@
+"""The wire format: decode a request body and validate each event once, at the edge."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+
+from monitor.errors import BodyError, EventError
+from monitor.states import ExecState, StateNames
+
+
+class EventType(StrEnum):
+    """What an event reports."""
+
+    STATE = "state"
+    HEARTBEAT = "heartbeat"
+
+
+class Kind(StrEnum):
+    """What sort of execution it is; picks the span name and a metric label."""
+
+    AGENT = "agent"
+    JOB = "job"
+    WORKFLOW = "workflow"
+    TOOL = "tool"
+
+
+LIMIT_FIELDS = (
+    "start_timeout_s",
+    "run_timeout_s",
+    "timeout_s",
+    "heartbeat_timeout_s",
+    "stall_timeout_s",
+)
+"""The named timeouts an event may set for its execution (seconds, > 0)."""
+
+FIELDS: frozenset[str] = frozenset(
+    {
+        "type",
+        "execution_id",
+        "agent",
+        "tenant",
+        "ts",
+        "event_id",
+        "seq",
+        "state",
+        "phase",
+        "kind",
+        "parent_id",
+        *LIMIT_FIELDS,
+        "memory_limit_bytes",
+        "pid",
+        "rss_bytes",
+        "progress",
+        "error",
+        "attributes",
+        "traceparent",
+    }
+)
+_FIELD_LIST = ", ".join(sorted(FIELDS))
+
+MAX_ID = 128
+MAX_NAME = 128
+MAX_TEXT = 4096
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_VALUE = 1024
+MAX_ERROR_NODES = 256
+MAX_ERROR_DEPTH = 8
+MAX_INT = 2**63 - 1  # what SQLite and Prometheus hold exactly
+MAX_TS = 253402300799.0  # 9999-12-31T23:59:59Z
+DEFAULT_TENANT = "default"
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_KINDS = {k.value: k for k in Kind}
+_KIND_LIST = ", ".join(_KINDS)
+_STATE_LIST = ", ".join(s.value for s in ExecState)
+
+Scalar = str | int | float | bool | None
+
+
+class Event(NamedTuple):
+    """One validated event. A NamedTuple: immutable and ~6x cheaper to build than a frozen
+    dataclass (0.5 us vs 3.3 us for this many fields, measured), which the ingest path feels."""
+
+    type: EventType
+    execution_id: str
+    tenant: str
+    at: float
+    """The event's time: its `ts`, else the time it was received."""
+    received_at: float
+    agent: str | None = None
+    event_id: str | None = None
+    seq: int | None = None
+    state: ExecState | None = None
+    phase: str | None = None
+    kind: Kind | None = None
+    parent_id: str | None = None
+    limits: dict[str, float] | None = None
+    memory_limit_bytes: int | None = None
+    pid: int | None = None
+    rss_bytes: int | None = None
+    progress: float | int | str | None = None
+    error: Any = None
+    attributes: dict[str, Scalar] | None = None
+    traceparent: str | None = None
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _identifier(field: str, value: object) -> str:
+    if type(value) is not str or _ID.fullmatch(value) is None:
+        raise EventError(
+            field,
+            f"field {field!r} must be 1-{MAX_ID} characters of [A-Za-z0-9._:-], got {_show(value)}",
+        )
+    return value
+
+
+def _name(field: str, value: object, limit: int = MAX_NAME) -> str:
+    if type(value) is not str or not 0 < len(value) <= limit or not value.isprintable():
+        raise EventError(
+            field,
+            f"field {field!r} must be a string of 1-{limit} printable characters, "
+            f"got {_show(value)}",
+        )
+    return value
+
+
+def _positive_number(field: str, value: object) -> float:
+    if type(value) not in (int, float) or not 0 < value < math.inf:  # type: ignore[operator]
+        raise EventError(field, f"field {field!r} must be a finite number > 0, got {_show(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _integer(field: str, value: object, minimum: int) -> int:
+    if type(value) is not int or not minimum <= value <= MAX_INT:
+        raise EventError(
+            field,
+            f"field {field!r} must be an integer >= {minimum} and <= {MAX_INT}, got {_show(value)}",
+        )
+    return value
+
+
+def parse_ts(value: object) -> float:
+    """Epoch seconds from a number or an RFC 3339 string; raise EventError naming `ts`."""
+    if type(value) in (int, float):
+        if 0 <= value <= MAX_TS:  # type: ignore[operator]
+            return float(value)  # type: ignore[arg-type]
+    elif type(value) is str and _RFC3339.fullmatch(value):
+        text = value.upper()
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass
+    raise EventError(
+        "ts",
+        "field 'ts' must be epoch seconds (a number from 0 to 253402300799) or an RFC 3339 "
+        f"string such as '2026-11-21T10:00:00.5Z', got {_show(value)}",
+    )
+
+
+def _traceparent(value: object) -> str:
+    match = _TRACEPARENT.fullmatch(value) if type(value) is str else None
+    if match is None or match[1] == "ff" or match[2] == "0" * 32 or match[3] == "0" * 16:
+        raise EventError(
+            "traceparent",
+            "field 'traceparent' must be a W3C trace context "
+            f"'00-<32 hex trace id>-<16 hex span id>-<2 hex flags>', got {_show(value)}",
+        )
+    return value  # type: ignore[return-value]
+
+
+def _progress(value: object) -> float | int | str:
+    kind = type(value)
+    if (kind is int or kind is float) and math.isfinite(value):  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]
+    if kind is str and len(value) <= MAX_NAME * 2:  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]
+    raise EventError(
+        "progress",
+        f"field 'progress' must be a finite number or a string of at most {MAX_NAME * 2} "
+        f"characters, got {_show(value)}",
+    )
+
+
+def _attributes(value: object) -> dict[str, Scalar]:
+    if type(value) is not dict:
+        raise EventError(
+            "attributes", f"field 'attributes' must be an object, got {json_type(value)}"
+        )
+    if len(value) > MAX_ATTRIBUTES:
+        raise EventError(
+            "attributes",
+            f"field 'attributes' may hold at most {MAX_ATTRIBUTES} keys, got {len(value)}",
+        )
+    for key, item in value.items():
+        if len(key) > MAX_NAME:
+            raise EventError(
+                "attributes",
+                f"attribute names may be at most {MAX_NAME} characters, got {_show(key)}",
+            )
+        kind = type(item)
+        if kind is str:
+            if len(item) > MAX_ATTRIBUTE_VALUE:
+                raise EventError(
+                    "attributes",
+                    f"attribute {key!r}: strings may be at most {MAX_ATTRIBUTE_VALUE} "
+                    f"characters, got {len(item)}",
+                )
+        elif kind is float:
+            if not math.isfinite(item):
+                raise EventError("attributes", f"attribute {key!r} must be finite")
+        elif not (item is None or kind is int or kind is bool):
+            raise EventError(
+                "attributes",
+                f"attribute {key!r} must be a string, number, boolean or null, "
+                f"got {json_type(item)}",
+            )
+    return value
+
+
+def _error(value: object) -> Any:
+    if type(value) is str:
+        if len(value) > MAX_TEXT:
+            raise EventError(
+                "error", f"field 'error' may be at most {MAX_TEXT} characters, got {len(value)}"
+            )
+        return value
+    if type(value) is not dict:
+        raise EventError(
+            "error", f"field 'error' must be a string or an object, got {json_type(value)}"
+        )
+    budget = [MAX_ERROR_NODES]
+
+    def walk(node: object, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > MAX_ERROR_DEPTH:
+            raise EventError(
+                "error",
+                f"field 'error' is too large: at most {MAX_ERROR_NODES} values "
+                f"nested at most {MAX_ERROR_DEPTH} deep",
+            )
+        if isinstance(node, str) and len(node) > MAX_TEXT:
+            raise EventError("error", f"strings in 'error' may be at most {MAX_TEXT} characters")
+        if isinstance(node, dict):
+            for item in node.values():
+                walk(item, depth + 1)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, depth + 1)
+
+    walk(value, 0)
+    return value
+
+
+def parse_event(
+    obj: object, received_at: float, names: StateNames, tenant: str | None = None
+) -> Event:
+    """Validate one decoded event; raise EventError naming the first bad field.
+
+    `tenant` is the tenant to assume when the event names none.
+    """
+    if type(obj) is not dict:
+        raise EventError(
+            "event", f"an event must be a JSON object, got {json_type(obj)}", "invalid_event"
+        )
+    unknown = obj.keys() - FIELDS
+    if unknown:
+        field = min(unknown)
+        raise EventError(
+            field, f"unknown field {_show(field)}; allowed fields: {_FIELD_LIST}", "unknown_field"
+        )
+    get = obj.get
+
+    raw_type = get("type")
+    if raw_type == "heartbeat":
+        etype = EventType.HEARTBEAT
+    elif raw_type == "state":
+        etype = EventType.STATE
+    elif raw_type is None:
+        raise EventError(
+            "type", "field 'type' is required: 'state' or 'heartbeat'", "missing_field"
+        )
+    else:
+        raise EventError(
+            "type", f"field 'type' must be 'state' or 'heartbeat', got {_show(raw_type)}"
+        )
+
+    raw_id = get("execution_id")
+    if raw_id is None:
+        raise EventError("execution_id", "field 'execution_id' is required", "missing_field")
+    execution_id = _identifier("execution_id", raw_id)
+
+    raw_tenant = get("tenant")
+    if raw_tenant is not None:
+        tenant = _identifier("tenant", raw_tenant)
+    elif tenant is None:
+        tenant = DEFAULT_TENANT
+
+    raw_ts = get("ts")
+    at = received_at if raw_ts is None else parse_ts(raw_ts)
+
+    state: ExecState | None = None
+    phase: str | None = None
+    raw_state = get("state")
+    if etype is EventType.STATE:
+        if raw_state is None:
+            raise EventError(
+                "state",
+                f"field 'state' is required on state events; canonical states: {_STATE_LIST}",
+                "missing_field",
+            )
+        resolved = names.resolve(raw_state) if type(raw_state) is str else None
+        if resolved is None:
+            raise EventError(
+                "state",
+                f"unknown state {_show(raw_state)}; canonical states: {_STATE_LIST} "
+                "(aliases are accepted, see the README)",
+                "unknown_state",
+            )
+        state, phase = resolved
+    elif raw_state is not None:
+        raise EventError("state", "field 'state' belongs on state events; a heartbeat carries none")
+
+    raw = get("phase")
+    if raw is not None:
+        phase = _name("phase", raw)
+
+    agent = get("agent")
+    if agent is not None:
+        agent = _name("agent", agent)
+    event_id = get("event_id")
+    if event_id is not None:
+        event_id = _name("event_id", event_id, MAX_ID)
+    seq = get("seq")
+    if seq is not None:
+        seq = _integer("seq", seq, 0)
+    kind = get("kind")
+    if kind is not None:
+        kind = _KINDS.get(kind) if type(kind) is str else None
+        if kind is None:
+            raise EventError(
+                "kind", f"field 'kind' must be one of {_KIND_LIST}, got {_show(get('kind'))}"
+            )
+    parent_id = get("parent_id")
+    if parent_id is not None:
+        parent_id = _identifier("parent_id", parent_id)
+
+    limits: dict[str, float] | None = None
+    for field in LIMIT_FIELDS:
+        raw = get(field)
+        if raw is not None:
+            if limits is None:
+                limits = {}
+            limits[field] = _positive_number(field, raw)
+
+    memory_limit = get("memory_limit_bytes")
+    if memory_limit is not None:
+        memory_limit = _integer("memory_limit_bytes", memory_limit, 1)
+    pid = get("pid")
+    if pid is not None:
+        pid = _integer("pid", pid, 1)
+    rss = get("rss_bytes")
+    if rss is not None:
+        rss = _integer("rss_bytes", rss, 0)
+    progress = get("progress")
+    if progress is not None:
+        progress = _progress(progress)
+    error = get("error")
+    if error is not None:
+        error = _error(error)
+    attributes = get("attributes")
+    if attributes is not None:
+        attributes = _attributes(attributes)
+    traceparent = get("traceparent")
+    if traceparent is not None:
+        traceparent = _traceparent(traceparent)
+
+    return Event(
+        etype,
+        execution_id,
+        tenant,
+        at,
+        received_at,
+        agent,
+        event_id,
+        seq,
+        state,
+        phase,
+        kind,
+        parent_id,
+        limits,
+        memory_limit,
+        pid,
+        rss,
+        progress,
+        error,
+        attributes,
+        traceparent,
+    )
+
+
+def to_wire(event: Event) -> dict[str, Any]:
+    """The event as a wire object, canonical spellings only; parse_event() reads it back."""
+    wire: dict[str, Any] = {
+        "type": event.type.value,
+        "execution_id": event.execution_id,
+        "tenant": event.tenant,
+        "ts": event.at,
+    }
+    for name in (
+        "agent",
+        "event_id",
+        "seq",
+        "phase",
+        "parent_id",
+        "memory_limit_bytes",
+        "pid",
+        "rss_bytes",
+        "progress",
+        "error",
+        "attributes",
+        "traceparent",
+    ):
+        value = getattr(event, name)
+        if value is not None:
+            wire[name] = value
+    if event.state is not None:
+        wire["state"] = event.state.value
+    if event.kind is not None:
+        wire["kind"] = event.kind.value
+    if event.limits:
+        wire.update(event.limits)
+    return wire
+
+
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+
+
+class Body(NamedTuple):
+    """A decoded request body: the items in order (a Rejection stands for an undecodable
+    NDJSON line) and whether the body was one bare object rather than a batch."""
+
+    items: list[object]
+    single: bool
+
+
+def decode_body(body: bytes, content_type: str) -> Body:
+    """Decode a JSON object, a JSON array of objects, or NDJSON; raise BodyError if it is none."""
+    if content_type in NDJSON_TYPES:
+        return _decode_ndjson(body)
+    if not body.strip():
+        raise BodyError("the body is empty; send a JSON object, a JSON array or NDJSON")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BodyError(
+            f"the body is not JSON ({exc}); send a JSON object, a JSON array of objects, "
+            "or NDJSON with Content-Type: application/x-ndjson"
+        ) from None
+    if type(doc) is list:
+        return Body(doc, single=False)
+    if type(doc) is dict:
+        return Body([doc], single=True)
+    raise BodyError(
+        f"the body is a JSON {json_type(doc)}; send a JSON object, a JSON array of objects, "
+        "or NDJSON"
+    )
+
+
+def _decode_ndjson(body: bytes) -> Body:
+    items: list[object] = []
+    decoded = 0
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(orjson.loads(line))
+            decoded += 1
+        except orjson.JSONDecodeError as exc:
+            items.append(
+                EventError("body", f"NDJSON line {number} is not JSON: {exc}", "invalid_json")
+            )
+    if not decoded:
+        raise BodyError(
+            "the body holds no NDJSON line that is JSON; send one JSON object per line"
+            if items
+            else "the body is empty; send one JSON object per line"
+        )
+    return Body(items, single=False)

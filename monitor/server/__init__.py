@@ -1,0 +1,1 @@
+"""The HTTP daemon: aiohttp app factory, handlers, ingest path and runner."""

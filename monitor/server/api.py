@@ -1,0 +1,201 @@
+"""HTTP handlers: thin translations between requests and the registry/ingestor."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from monitor import __version__
+from monitor.errors import BodyError
+from monitor.events import DEFAULT_TENANT, Kind
+from monitor.registry import counts_by_agent
+from monitor.server.ingest import StoreUnavailable
+from monitor.server.keys import CLOCK, HEALTH, INGESTOR, REGISTRY, SETTINGS
+from monitor.server.openapi import document
+from monitor.states import LIVE, ExecState
+
+log = structlog.get_logger("execwatch.api")
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def respond(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response serialised once with orjson (enums become their values)."""
+    return web.Response(
+        body=orjson.dumps(data),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return respond({"error": message, "status": status}, status, headers)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error, including aiohttp's own 404/405/413, answers JSON with a clear message."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        return error(
+            413,
+            f"the body is larger than max_body_bytes ({limit} bytes); split the batch",
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error(
+            405,
+            f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
+            {"Allow": allowed},
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text or exc.reason
+        if isinstance(exc, web.HTTPNotFound) and message == "404: Not Found":
+            message = f"no endpoint at {request.path}; the API is described at /openapi.json"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "retry-after"}
+        return error(exc.status, message, headers)
+    except Exception:
+        log.exception("handler_failed", path=request.path, method=request.method)
+        return error(500, "internal error; the daemon logged it and keeps serving")
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """POST /v1/events: a JSON object, a JSON array of objects, or NDJSON."""
+    body = await request.read()
+    ingestor = request.app[INGESTOR]
+    now = request.app[CLOCK]()
+    try:
+        result = await ingestor.ingest(body, request.content_type, now)
+    except BodyError as exc:
+        ingestor.stats.rejected[exc.reason] += 1
+        return error(400, exc.message)
+    except StoreUnavailable:
+        return error(
+            503,
+            "the store could not commit; the events are applied in memory but not durable, "
+            "retry them (event_id makes the retry safe)",
+            {"Retry-After": "1"},
+        )
+    return respond(result.body, result.status)
+
+
+def _query_error(name: str, value: str, allowed: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=f"query parameter {name!r} = {value!r}: expected {allowed}")
+
+
+async def list_executions(request: web.Request) -> web.Response:
+    """GET /v1/executions?state=&agent=&kind=&tenant=&limit=&cursor="""
+    query = request.query
+    registry = request.app[REGISTRY]
+    state = kind = None
+    if "state" in query:
+        resolved = request.app[INGESTOR].names.resolve(query["state"])
+        if resolved is None:
+            raise _query_error(
+                "state", query["state"], "a state: " + ", ".join(s.value for s in ExecState)
+            )
+        state = resolved[0]
+    if "kind" in query:
+        try:
+            kind = Kind(query["kind"])
+        except ValueError:
+            raise _query_error("kind", query["kind"], ", ".join(k.value for k in Kind)) from None
+    limit = DEFAULT_PAGE
+    if "limit" in query:
+        text = query["limit"]
+        if not text.isdigit() or int(text) < 1:
+            raise _query_error("limit", text, f"an integer from 1 to {MAX_PAGE}")
+        limit = min(int(text), MAX_PAGE)
+    after = 0
+    if "cursor" in query:
+        text = query["cursor"]
+        if not text.isdigit():
+            raise _query_error("cursor", text, "the next_cursor of a previous page")
+        after = int(text)
+    page, resume = registry.select(
+        tenant=query.get("tenant"),
+        state=state,
+        agent=query.get("agent"),
+        kind=kind,
+        after=after,
+        limit=limit,
+    )
+    settings = request.app[SETTINGS]
+    return respond(
+        {
+            "executions": [ex.to_dict(settings) for ex in page],
+            "next_cursor": None if resume is None else str(resume),
+        }
+    )
+
+
+async def get_execution(request: web.Request) -> web.Response:
+    """GET /v1/executions/{execution_id}?tenant="""
+    execution_id = request.match_info["execution_id"]
+    tenant = request.query.get("tenant", DEFAULT_TENANT)
+    ex = request.app[REGISTRY].get(tenant, execution_id)
+    if ex is None:
+        raise web.HTTPNotFound(text=f"execution {execution_id!r} (tenant {tenant!r}) is not known")
+    return respond(ex.to_dict(request.app[SETTINGS]))
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    """GET /v1/agents: per-agent counts by state."""
+    registry = request.app[REGISTRY]
+    tenant = request.query.get("tenant")
+    executions = [ex for ex in registry if tenant is None or ex.tenant == tenant]
+    agents: list[dict[str, Any]] = []
+    for (owner, agent), counts in sorted(counts_by_agent(executions).items()):
+        agents.append(
+            {
+                "tenant": owner,
+                "agent": agent,
+                "live": sum(n for state, n in counts.items() if state in LIVE),
+                "executions": {s.value: counts.get(s, 0) for s in ExecState},
+            }
+        )
+    return respond({"agents": agents})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return respond({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store is replayed and the daemon is not draining."""
+    if request.app[HEALTH].ready:
+        return respond({"status": "ready"})
+    return respond({"status": "not ready"}, 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of every endpoint."""
+    return respond(document())
+
+
+async def landing(request: web.Request) -> web.Response:
+    """A small page with the links a person looks for first."""
+    registry = request.app[REGISTRY]
+    links = "".join(
+        f'<li><a href="{path}">{path}</a></li>'
+        for path in ("/v1/executions", "/v1/agents", "/openapi.json", "/readyz")
+    )
+    html = (
+        f"<!doctype html><html><head><title>execwatch</title></head><body>"
+        f"<h1>execwatch {__version__}</h1><p>{len(registry)} executions known.</p>"
+        f"<ul>{links}</ul></body></html>"
+    )
+    return web.Response(text=html, content_type="text/html")

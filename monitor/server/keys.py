@@ -1,0 +1,29 @@
+"""Typed keys for the application's state (aiohttp AppKey), shared by app and handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from monitor.config import Settings
+from monitor.registry import Registry
+from monitor.server.ingest import Ingestor
+from monitor.store import Store
+
+
+@dataclass(slots=True)
+class Health:
+    """What /readyz reports: ready once the store is replayed, not ready while draining."""
+
+    ready: bool = False
+
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+STORE = web.AppKey("store", Store)
+Clock = Callable[[], float]
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+HEALTH = web.AppKey("health", Health)
+INGESTOR = web.AppKey("ingestor", Ingestor)

@@ -1,0 +1,316 @@
+"""The OpenAPI 3.1 document of the HTTP API; a test keeps it in step with the routes."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from monitor import __version__
+from monitor.events import LIMIT_FIELDS, MAX_ATTRIBUTES, MAX_ID, MAX_NAME, Kind
+from monitor.states import ExecState
+
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "maxLength": MAX_ID}
+_NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME}
+_STATES = [s.value for s in ExecState]
+_NULLABLE_STR = {"type": ["string", "null"]}
+_NULLABLE_NUM = {"type": ["number", "null"]}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERROR = _json(_ref("Error"), "An error, with a message that names what was wrong")
+
+EVENT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "execution_id"],
+    "properties": {
+        "type": {"enum": ["state", "heartbeat"]},
+        "execution_id": _ID,
+        "agent": {**_NAME, "description": "required on the first event of an execution"},
+        "tenant": {**_ID, "description": "default: the token's tenant, else 'default'"},
+        "ts": {
+            "oneOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "format": "date-time"},
+            ],
+            "description": "epoch seconds or RFC 3339; used for ordering and durations only",
+        },
+        "event_id": {**_NAME, "description": "idempotency key: a repeat is not applied again"},
+        "seq": {"type": "integer", "minimum": 0},
+        "state": {
+            "type": "string",
+            "description": "a canonical state or an alias (case-insensitive): "
+            + ", ".join(_STATES),
+        },
+        "phase": _NAME,
+        "kind": {"enum": [k.value for k in Kind]},
+        "parent_id": _ID,
+        **{name: {"type": "number", "exclusiveMinimum": 0} for name in LIMIT_FIELDS},
+        "memory_limit_bytes": {"type": "integer", "minimum": 1},
+        "pid": {"type": "integer", "minimum": 1},
+        "rss_bytes": {"type": "integer", "minimum": 0},
+        "progress": {"type": ["number", "string"]},
+        "error": {"type": ["string", "object"]},
+        "attributes": {
+            "type": "object",
+            "maxProperties": MAX_ATTRIBUTES,
+            "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+        },
+        "traceparent": {
+            "type": "string",
+            "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        },
+    },
+}
+
+_TRANSITION = {
+    "type": "object",
+    "required": ["from", "to", "at", "reason"],
+    "properties": {
+        "from": {"enum": [*_STATES, None]},
+        "to": {"enum": _STATES},
+        "at": {"type": "number"},
+        "reason": _NULLABLE_STR,
+        "phase": {"type": "string"},
+    },
+}
+
+EXECUTION = {
+    "type": "object",
+    "required": [
+        "execution_id",
+        "tenant",
+        "agent",
+        "kind",
+        "state",
+        "phase",
+        "parent_id",
+        "created_at",
+        "updated_at",
+        "last_heartbeat_at",
+        "limits",
+        "rss_bytes",
+        "progress",
+        "attributes",
+        "findings",
+        "history",
+    ],
+    "properties": {
+        "execution_id": {"type": "string"},
+        "tenant": {"type": "string"},
+        "agent": {"type": "string"},
+        "kind": {"enum": [k.value for k in Kind]},
+        "state": {"enum": _STATES},
+        "phase": _NULLABLE_STR,
+        "parent_id": _NULLABLE_STR,
+        "created_at": {"type": "number"},
+        "updated_at": {"type": "number"},
+        "last_heartbeat_at": {"type": "number"},
+        "limits": {"type": "object", "additionalProperties": {"type": "number"}},
+        "rss_bytes": _NULLABLE_INT,
+        "pid": _NULLABLE_INT,
+        "progress": {"type": ["number", "string", "null"]},
+        "error": {},
+        "attributes": {"type": "object"},
+        "traceparent": _NULLABLE_STR,
+        "findings": {"type": "array", "items": {"type": "object"}},
+        "history": {"type": "array", "items": _ref("Transition")},
+    },
+}
+
+INGEST_RESULT = {
+    "type": "object",
+    "required": ["accepted", "duplicates", "rejected", "directives"],
+    "properties": {
+        "accepted": {"type": "integer"},
+        "duplicates": {"type": "integer"},
+        "rejected": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "status", "reason", "error"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "status": {"enum": [403, 404, 409, 422]},
+                    "reason": {"type": "string"},
+                    "error": {"type": "string"},
+                },
+            },
+        },
+        "directives": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["execution_id", "action", "reason"],
+                "properties": {
+                    "execution_id": {"type": "string"},
+                    "action": {"enum": ["cancel"]},
+                    "reason": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_TENANT_QUERY = _query("tenant", _ID, "the tenant (default 'default' where an id is named)")
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/": {
+        "get": {
+            "summary": "Landing page",
+            "responses": {"200": {"description": "HTML with links", "content": {"text/html": {}}}},
+        }
+    },
+    "/v1/events": {
+        "post": {
+            "summary": "Ingest state events and heartbeats",
+            "description": "A JSON object, a JSON array of objects, or NDJSON. Good events in a "
+            "batch are applied even when others are rejected, before the answer is sent. A single "
+            "object that is rejected answers with its own status.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [_ref("Event"), {"type": "array", "items": _ref("Event")}]
+                        }
+                    },
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                },
+            },
+            "responses": {
+                "202": _json(_ref("IngestResult"), "Applied; rejections listed by index"),
+                "400": _ERROR,
+                "404": _json(_ref("IngestResult"), "The execution is not known"),
+                "409": _json(_ref("IngestResult"), "The transition is not allowed"),
+                "413": _ERROR,
+                "422": _json(_ref("IngestResult"), "A field is invalid"),
+                "503": _ERROR,
+            },
+        }
+    },
+    "/v1/executions": {
+        "get": {
+            "summary": "List executions",
+            "parameters": [
+                _query("state", {"type": "string"}, "canonical state or alias"),
+                _query("agent", {"type": "string"}, "agent name"),
+                _query("kind", {"enum": [k.value for k in Kind]}, "execution kind"),
+                _TENANT_QUERY,
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1},
+                    "page size, default 100, capped at 1000",
+                ),
+                _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["executions", "next_cursor"],
+                        "properties": {
+                            "executions": {"type": "array", "items": _ref("Execution")},
+                            "next_cursor": _NULLABLE_STR,
+                        },
+                    },
+                    "A page of executions",
+                ),
+                "400": _ERROR,
+            },
+        }
+    },
+    "/v1/executions/{execution_id}": {
+        "get": {
+            "summary": "One execution with its history",
+            "parameters": [
+                {"name": "execution_id", "in": "path", "required": True, "schema": _ID},
+                _TENANT_QUERY,
+            ],
+            "responses": {"200": _json(_ref("Execution"), "The execution"), "404": _ERROR},
+        }
+    },
+    "/v1/agents": {
+        "get": {
+            "summary": "Per-agent counts by state",
+            "parameters": [_TENANT_QUERY],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["agents"],
+                        "properties": {"agents": {"type": "array", "items": {"type": "object"}}},
+                    },
+                    "Agents",
+                )
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "Liveness",
+            "responses": {"200": _json({"type": "object"}, "The event loop answers")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness",
+            "responses": {
+                "200": _json({"type": "object"}, "Replayed and serving"),
+                "503": _json({"type": "object"}, "Starting or draining"),
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+        }
+    },
+}
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "execwatch",
+            "version": __version__,
+            "description": "Sidecar that watches long-running executions.",
+        },
+        "paths": PATHS,
+        "components": {
+            "schemas": {
+                "Event": EVENT,
+                "Execution": EXECUTION,
+                "Transition": _TRANSITION,
+                "IngestResult": INGEST_RESULT,
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "status"],
+                    "properties": {"error": {"type": "string"}, "status": {"type": "integer"}},
+                },
+            }
+        },
+    }

@@ -1,0 +1,78 @@
+"""Run the daemon: bind, serve until SIGTERM/SIGINT, then shut down within a bounded time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import sys
+
+import structlog
+from aiohttp import web
+
+from monitor.config import Settings
+from monitor.errors import ConfigError
+from monitor.server.app import make_app
+
+log = structlog.get_logger("execwatch.server")
+
+SHUTDOWN_TIMEOUT_S = 10.0
+"""Below Kubernetes' default 30 s grace period, so a drain finishes before SIGKILL."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings, insecure: bool) -> None:
+    """Refuse a non-loopback address without tokens unless told --insecure."""
+    if settings.tokens or insecure or is_loopback(settings.host):
+        return
+    raise ConfigError(
+        [
+            f"listen = {settings.listen!r} accepts connections from other machines, and no "
+            "[auth.tokens] are configured, so anyone who can reach it could write and read "
+            "every tenant's executions; configure [auth.tokens], listen on 127.0.0.1, "
+            "or pass --insecure if the network is trusted"
+        ]
+    )
+
+
+async def run(settings: Settings) -> None:
+    """Serve `settings` until a signal asks to stop."""
+    app = make_app(settings)
+    runner = web.AppRunner(
+        app, handle_signals=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+        for host, port, *_ in runner.addresses:
+            shown = f"[{host}]" if ":" in host else host
+            # One plain line a supervisor or a test can wait for.
+            print(f"execwatch listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+        log.info("daemon_started", listen=settings.listen, database=settings.database)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        log.info("daemon_stopped")
+
+
+def serve(settings: Settings, *, insecure: bool = False) -> None:
+    """Check the exposure, then run until SIGTERM or SIGINT (a clean exit, status 0)."""
+    check_exposure(settings, insecure)
+    if settings.database != ":memory:":
+        log.warning(
+            "store_in_memory",
+            database=settings.database,
+            detail="the SQLite store is not built yet; state is kept in memory only",
+        )
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(run(settings))

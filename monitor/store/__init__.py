@@ -1,0 +1,38 @@
+"""Persistence behind a small Protocol; the daemon awaits commit() before it acknowledges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from monitor.registry import Execution, Key, Transition
+
+Snapshot = dict[str, Any]
+"""An execution as Execution.snapshot() writes it and Registry.restore() reads it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one ingest batch (or one housekeeping pass) changed."""
+
+    transitions: Sequence[Transition] = ()
+    executions: Sequence[Execution] = ()
+    """The executions the transitions touched, snapshotted by the store when it commits."""
+    evicted: Sequence[Key] = ()
+
+
+class Store(Protocol):
+    """Where acknowledged state survives the daemon. commit() returns only once durable."""
+
+    async def load(self) -> list[Snapshot]:
+        """Every kept execution, in registration order, for Registry.restore()."""
+        ...
+
+    async def commit(self, changes: Changes) -> None:
+        """Persist `changes`; return only when they would survive a crash."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release the store."""
+        ...

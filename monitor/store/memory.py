@@ -1,0 +1,27 @@
+"""A Store that keeps snapshots in a dict: `database = ":memory:"`, and the tests' store."""
+
+from __future__ import annotations
+
+from monitor.store import Changes, Snapshot
+
+
+class MemoryStore:
+    """Keeps the latest snapshot of every execution in memory; survives nothing."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[tuple[str, str], Snapshot] = {}
+        self.commits = 0
+        self.closed = False
+
+    async def load(self) -> list[Snapshot]:
+        return sorted(self.snapshots.values(), key=lambda snap: int(snap["serial"]))
+
+    async def commit(self, changes: Changes) -> None:
+        for ex in changes.executions:
+            self.snapshots[ex.key] = ex.snapshot()
+        for key in changes.evicted:
+            self.snapshots.pop(key, None)
+        self.commits += 1
+
+    async def close(self) -> None:
+        self.closed = True

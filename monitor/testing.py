@@ -1,0 +1,63 @@
+"""Fakes shipped with the product for tests: a fake clock, event factories, recording sinks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from monitor.registry import Transition
+
+EPOCH = 1_763_740_000.0
+"""A fixed, realistic start time (2025-11-21) for fake clocks."""
+
+
+class FakeClock:
+    """A clock that moves only when told; pass it wherever a `clock` is taken."""
+
+    def __init__(self, start: float = EPOCH) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        """Move forward by `seconds` and return the new time."""
+        if seconds < 0:
+            raise ValueError(f"a clock never goes back; got advance({seconds})")
+        self.now += seconds
+        return self.now
+
+
+def state_event(execution_id: str, state: str, **fields: Any) -> dict[str, Any]:
+    """A wire `state` event; the first one of an execution needs `agent=`."""
+    return {"type": "state", "execution_id": execution_id, "state": state, **fields}
+
+
+def heartbeat(execution_id: str, **fields: Any) -> dict[str, Any]:
+    """A wire heartbeat; with `agent=` it registers an unknown execution as running."""
+    return {"type": "heartbeat", "execution_id": execution_id, **fields}
+
+
+class RecordingSink:
+    """A sink that keeps every batch of transitions it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Transition]] = []
+
+    def __call__(self, transitions: Sequence[Transition]) -> None:
+        self.batches.append(list(transitions))
+
+    @property
+    def transitions(self) -> list[Transition]:
+        return [t for batch in self.batches for t in batch]
+
+
+class FailingSink:
+    """A sink that always raises, to prove one failing exporter never stops ingestion."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, transitions: Sequence[Transition]) -> None:
+        self.calls += 1
+        raise RuntimeError("this sink always fails")

@@ -1,0 +1,39 @@
+"""Shared fixtures: an app on a fake clock behind pytest-aiohttp's test client."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from monitor.config import build_settings
+from monitor.server.app import make_app
+from monitor.server.ingest import Sink
+from monitor.store import Store
+from monitor.testing import FakeClock
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, clock: FakeClock) -> ClientFactory:
+    """Build an app from a raw config mapping and return a client for it."""
+
+    async def factory(
+        config: dict[str, Any] | None = None,
+        *,
+        store: Store | None = None,
+        sinks: Sequence[Sink] = (),
+    ) -> TestClient[Any, Any]:
+        app = make_app(build_settings(config or {}), store=store, clock=clock, sinks=sinks)
+        client: TestClient[Any, Any] = await aiohttp_client(app)
+        return client
+
+    return factory

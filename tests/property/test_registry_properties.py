@@ -1,0 +1,165 @@
+"""Properties of the core over arbitrary event sequences (hypothesis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from monitor.config import build_settings
+from monitor.errors import DuplicateEvent, Rejection
+from monitor.events import LIMIT_FIELDS, parse_event, to_wire
+from monitor.registry import Registry
+from monitor.states import BUILTIN_ALIASES, FINAL, ExecState, StateNames
+
+NAMES = StateNames()
+CANONICAL = {s.value for s in ExecState}
+SPELLINGS = sorted(CANONICAL | set(BUILTIN_ALIASES) | {a.upper() for a in BUILTIN_ALIASES})
+
+ids = st.sampled_from(["r1", "r2", "r3"])
+wire_events = st.one_of(
+    st.builds(
+        lambda i, s, agent, seq, eid, phase, progress: {
+            "type": "state",
+            "execution_id": i,
+            "state": s,
+            **({"agent": agent} if agent else {}),
+            **({"seq": seq} if seq is not None else {}),
+            **({"event_id": eid} if eid else {}),
+            **({"phase": phase} if phase else {}),
+            **({"progress": progress} if progress is not None else {}),
+        },
+        ids,
+        st.sampled_from(SPELLINGS),
+        st.sampled_from([None, "a"]),
+        st.none() | st.integers(0, 5),
+        st.none() | st.sampled_from(["e1", "e2", "e3"]),
+        st.none() | st.sampled_from(["thinking", "tool"]),
+        st.none() | st.integers(0, 3),
+    ),
+    st.builds(
+        lambda i, agent, seq: {
+            "type": "heartbeat",
+            "execution_id": i,
+            **({"agent": agent} if agent else {}),
+            **({"seq": seq} if seq is not None else {}),
+        },
+        ids,
+        st.sampled_from([None, "a"]),
+        st.none() | st.integers(0, 5),
+    ),
+)
+steps = st.lists(st.tuples(wire_events, st.floats(0, 100)), max_size=60)
+
+
+def run(sequence: list[tuple[dict[str, Any], float]]) -> tuple[Registry, list[Any]]:
+    registry = Registry(build_settings({}))
+    now = 1000.0
+    outcomes: list[Any] = []
+    for wire, dt in sequence:
+        now += dt
+        try:
+            outcomes.append(registry.apply(parse_event(wire, now, NAMES), now))
+        except (Rejection, DuplicateEvent) as exc:
+            outcomes.append(exc)
+    return registry, outcomes
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps)
+def test_no_event_sequence_leaves_a_final_state(
+    sequence: list[tuple[dict[str, Any], float]],
+) -> None:
+    """Once completed/failed/timeout/cancelled, an execution never changes again."""
+    registry = Registry(build_settings({}))
+    final: dict[str, ExecState] = {}
+    now = 1000.0
+    for wire, dt in sequence:
+        now += dt
+        event = parse_event(wire, now, NAMES)
+        status = None
+        try:
+            registry.apply(event, now)
+        except Rejection as exc:
+            status = exc.status
+        except DuplicateEvent:
+            status = 200
+        if event.execution_id in final:
+            # Rejected as final_state (or stale_seq when seq says so first), or a duplicate.
+            assert status in (409, 200)
+        ex = registry.get("default", event.execution_id)
+        if ex is not None and ex.state in FINAL:
+            final.setdefault(ex.execution_id, ex.state)
+            assert final[ex.execution_id] == ex.state
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps)
+def test_aliases_are_never_emitted(sequence: list[tuple[dict[str, Any], float]]) -> None:
+    """Transitions and the API speak canonical states only, whatever spelling came in."""
+    registry, outcomes = run(sequence)
+    for outcome in outcomes:
+        if outcome is not None and not isinstance(outcome, Exception):
+            assert outcome.new.value in CANONICAL
+            assert outcome.old is None or outcome.old.value in CANONICAL
+    for ex in registry:
+        view = ex.to_dict(registry.settings)
+        assert view["state"] in CANONICAL
+        assert all(h["to"] in CANONICAL for h in view["history"])
+        assert all(h["from"] is None or h["from"] in CANONICAL for h in view["history"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps)
+def test_restoring_snapshots_gives_the_same_registry(
+    sequence: list[tuple[dict[str, Any], float]],
+) -> None:
+    """What the store keeps is enough to rebuild the registry exactly."""
+    registry, _ = run(sequence)
+    fresh = Registry(registry.settings)
+    for ex in registry:
+        fresh.restore(ex.snapshot())
+    assert [ex.to_dict(registry.settings) for ex in registry] == [
+        ex.to_dict(fresh.settings) for ex in fresh
+    ]
+    assert registry.finished_count == fresh.finished_count
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+names = st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=20)
+identifiers = st.from_regex(r"[A-Za-z0-9._:-]{1,40}", fullmatch=True)
+full_events = st.fixed_dictionaries(
+    {"type": st.just("state"), "execution_id": identifiers, "state": st.sampled_from(SPELLINGS)},
+    optional={
+        "agent": names,
+        "tenant": identifiers,
+        "ts": st.floats(0, 4e9),
+        "event_id": names,
+        "seq": st.integers(0, 2**63 - 1),
+        "phase": names,
+        "kind": st.sampled_from(["agent", "job", "workflow", "tool"]),
+        "parent_id": identifiers,
+        **{name: st.floats(0.001, 1e6) for name in LIMIT_FIELDS},
+        "memory_limit_bytes": st.integers(1, 2**40),
+        "pid": st.integers(1, 2**22),
+        "rss_bytes": st.integers(0, 2**40),
+        "progress": finite | names,
+        "error": names | st.dictionaries(names, names, max_size=3),
+        "attributes": st.dictionaries(
+            names,
+            st.none() | st.booleans() | st.integers(-(2**53), 2**53) | finite | names,
+            max_size=5,
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(full_events)
+def test_parse_and_serialise_round_trip(wire: dict[str, Any]) -> None:
+    """to_wire(parse(x)) parses back to the same event, in canonical spelling."""
+    event = parse_event(wire, 1000.0, NAMES)
+    again = parse_event(to_wire(event), 1000.0, NAMES)
+    assert event == again
+    assert to_wire(event)["state"] in CANONICAL
