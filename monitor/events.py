@@ -39,28 +39,24 @@ LIMIT_FIELDS = (
 )
 """The named timeouts an event may set for its execution (seconds, > 0)."""
 
+_PLAIN_FIELDS = (
+    "agent",
+    "event_id",
+    "seq",
+    "phase",
+    "parent_id",
+    "memory_limit_bytes",
+    "pid",
+    "rss_bytes",
+    "progress",
+    "error",
+    "attributes",
+    "traceparent",
+)
+"""Fields whose wire name and Event attribute are the same."""
+
 FIELDS: frozenset[str] = frozenset(
-    {
-        "type",
-        "execution_id",
-        "agent",
-        "tenant",
-        "ts",
-        "event_id",
-        "seq",
-        "state",
-        "phase",
-        "kind",
-        "parent_id",
-        *LIMIT_FIELDS,
-        "memory_limit_bytes",
-        "pid",
-        "rss_bytes",
-        "progress",
-        "error",
-        "attributes",
-        "traceparent",
-    }
+    {"type", "execution_id", "tenant", "ts", "state", "kind", *LIMIT_FIELDS, *_PLAIN_FIELDS}
 )
 _FIELD_LIST = ", ".join(sorted(FIELDS))
 
@@ -433,20 +429,7 @@ def to_wire(event: Event) -> dict[str, Any]:
         "tenant": event.tenant,
         "ts": event.at,
     }
-    for name in (
-        "agent",
-        "event_id",
-        "seq",
-        "phase",
-        "parent_id",
-        "memory_limit_bytes",
-        "pid",
-        "rss_bytes",
-        "progress",
-        "error",
-        "attributes",
-        "traceparent",
-    ):
+    for name in _PLAIN_FIELDS:
         value = getattr(event, name)
         if value is not None:
             wire[name] = value

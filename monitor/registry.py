@@ -398,20 +398,17 @@ class Registry:
         # Validate everything before changing anything: a rejected event leaves no trace.
         if event.seq is not None and ex.last_seq is not None and event.seq < ex.last_seq:
             raise StaleSeq(ex.execution_id, event.seq, ex.last_seq)
-        if event.agent is not None and event.agent != ex.agent:
-            raise EventError(
-                "agent",
-                f"execution {ex.execution_id!r} belongs to agent {ex.agent!r}; "
-                f"the event names {event.agent!r}",
-                "agent_mismatch",
-            )
-        if event.kind is not None and event.kind != ex.kind:
-            raise EventError(
-                "kind",
-                f"execution {ex.execution_id!r} is of kind {ex.kind!r}; "
-                f"the event names {event.kind!r}",
-                "kind_mismatch",
-            )
+        for field, mine, theirs in (
+            ("agent", ex.agent, event.agent),
+            ("kind", ex.kind, event.kind),
+        ):
+            if theirs is not None and theirs != mine:
+                raise EventError(
+                    field,
+                    f"execution {ex.execution_id!r} has {field} '{mine}'; "
+                    f"the event names '{theirs}'",
+                    f"{field}_mismatch",
+                )
         current = ex.state
         if event.type is EventType.STATE:
             target = event.state

@@ -204,6 +204,7 @@ def test_an_event_naming_another_agent_is_rejected(world: World) -> None:
     with pytest.raises(EventError) as caught:
         world.send(heartbeat("r", agent="b"))
     assert ("agent", "agent_mismatch") == (caught.value.field, caught.value.reason)
+    assert "execution 'r' has agent 'a'; the event names 'b'" == caught.value.message
 
 
 def test_the_same_id_in_two_tenants_is_two_executions(world: World) -> None:
