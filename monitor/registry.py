@@ -20,6 +20,11 @@ from monitor.states import FINAL, TERMINAL, ExecState, check_transition
 Key = tuple[str, str]
 """(tenant, execution_id): execution ids are unique within a tenant."""
 
+# Enum member lookups cost ~75 ns each on Python 3.11, module constants ~7 ns: the ingest
+# path reads these several times per event.
+_STATE = EventType.STATE
+_HEARTBEAT = EventType.HEARTBEAT
+_DEAD = ExecState.DEAD
 _REVIVE_TO = frozenset(
     {ExecState.STARTING, ExecState.RUNNING, ExecState.PAUSED, ExecState.COMPLETING}
 )
@@ -364,7 +369,7 @@ class Registry:
                 "its first event must name 'agent' (a state event, or a heartbeat that names "
                 "'agent', registers it)",
             )
-        if event.type is EventType.STATE:
+        if event.type is _STATE:
             state = event.state
             assert state is not None  # parse_event guarantees it
         else:
@@ -398,25 +403,18 @@ class Registry:
         # Validate everything before changing anything: a rejected event leaves no trace.
         if event.seq is not None and ex.last_seq is not None and event.seq < ex.last_seq:
             raise StaleSeq(ex.execution_id, event.seq, ex.last_seq)
-        for field, mine, theirs in (
-            ("agent", ex.agent, event.agent),
-            ("kind", ex.kind, event.kind),
+        if (event.agent is not None and event.agent != ex.agent) or (
+            event.kind is not None and event.kind != ex.kind
         ):
-            if theirs is not None and theirs != mine:
-                raise EventError(
-                    field,
-                    f"execution {ex.execution_id!r} has {field} '{mine}'; "
-                    f"the event names '{theirs}'",
-                    f"{field}_mismatch",
-                )
+            self._mismatch(ex, event)
         current = ex.state
-        if event.type is EventType.STATE:
+        if event.type is _STATE:
             target = event.state
             assert target is not None
             changed = check_transition(ex.execution_id, current, target)
         elif current in FINAL:
             raise FinalState(ex.execution_id, current, "heartbeat")
-        elif current is ExecState.DEAD:
+        elif current is _DEAD:
             target = ex.history[-1].old if ex.history else None
             target = target if target in _REVIVE_TO else ExecState.RUNNING
             changed = True
@@ -461,7 +459,7 @@ class Registry:
             ex.last_progress_at = now
         if event.rss_bytes is not None:
             ex.rss_bytes = event.rss_bytes
-        if event.type is EventType.HEARTBEAT:
+        if event.type is _HEARTBEAT:
             return
         if event.limits:
             ex.limits.update(event.limits)
@@ -515,6 +513,20 @@ class Registry:
         self._event_order.append(event_key)
         if len(self._event_order) > self._max_event_ids:
             self._event_ids.discard(self._event_order.popleft())
+
+    @staticmethod
+    def _mismatch(ex: Execution, event: Event) -> None:
+        for field, mine, theirs in (
+            ("agent", ex.agent, event.agent),
+            ("kind", ex.kind, event.kind),
+        ):
+            if theirs is not None and theirs != mine:
+                raise EventError(
+                    field,
+                    f"execution {ex.execution_id!r} has {field} '{mine}'; "
+                    f"the event names '{theirs}'",
+                    f"{field}_mismatch",
+                )
 
     @staticmethod
     def _too_many_attributes(event: Event, count: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from monitor.errors import DuplicateEvent, Rejection
-from monitor.events import decode_body, parse_event
+from monitor.events import EventType, decode_body, parse_event
 from monitor.registry import Execution, Registry, Transition
 from monitor.states import StateNames
 from monitor.store import Changes, Store
@@ -20,7 +20,7 @@ log = structlog.get_logger("execwatch.ingest")
 Sink = Callable[[Sequence[Transition]], None]
 """Receives every committed batch of transitions (exporters, the live stream). Must not block."""
 
-_EVENT_TYPES = frozenset({"state", "heartbeat"})
+_HEARTBEAT = EventType.HEARTBEAT
 
 
 @dataclass(slots=True)
@@ -75,20 +75,22 @@ class Ingestor:
         """
         decoded = decode_body(body, content_type)
         registry, names, stats = self.registry, self.names, self.stats
-        received = stats.received
-        accepted = duplicates = 0
+        apply = registry.apply
+        accepted = heartbeats = invalid = duplicates = 0
         rejected: list[dict[str, Any]] = []
         transitions: list[Transition] = []
         for index, item in enumerate(decoded.items):
+            event = None
             try:
                 if isinstance(item, Rejection):
                     raise item
-                kind = item.get("type") if type(item) is dict else None
-                received[kind if type(kind) is str and kind in _EVENT_TYPES else "invalid"] += 1
-                transition = registry.apply(parse_event(item, now, names, tenant), now)
+                event = parse_event(item, now, names, tenant)
+                transition = apply(event, now)
+                if transition is not None:
+                    transitions.append(transition)
+                accepted += 1
             except DuplicateEvent:
                 duplicates += 1
-                continue
             except Rejection as exc:
                 stats.rejected[exc.reason] += 1
                 rejected.append(
@@ -99,10 +101,14 @@ class Ingestor:
                         "error": exc.message,
                     }
                 )
-                continue
-            accepted += 1
-            if transition is not None:
-                transitions.append(transition)
+            if event is None:
+                invalid += 1
+            elif event.type is _HEARTBEAT:
+                heartbeats += 1
+        # Counted once per batch: a Counter update per event costs more than the rest of
+        # the loop's bookkeeping together.
+        states = len(decoded.items) - heartbeats - invalid
+        stats.received.update(heartbeat=heartbeats, state=states, invalid=invalid)
         stats.accepted += accepted
         stats.duplicates += duplicates
 

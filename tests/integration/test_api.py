@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from monitor.events import FIELDS
 from monitor.server.app import ROUTES
+from monitor.server.keys import INGESTOR
 from monitor.server.openapi import EVENT, document
 from monitor.store import Changes
 from monitor.store.memory import MemoryStore
@@ -394,3 +395,31 @@ async def test_finished_executions_are_evicted_after_retention(
         e["execution_id"] for e in (await get(client, "/v1/executions"))["executions"]
     ]
     assert {("default", "new")} == set(store.snapshots)
+
+
+async def test_ingest_counts_received_rejected_and_duplicate_events(
+    make_client: ClientFactory,
+) -> None:
+    """The counters the metrics will export: by type, by rejection reason, duplicates."""
+    client = await make_client()
+    await post(
+        client,
+        [
+            state_event("r", "running", agent="a", event_id="e1"),
+            state_event("r", "running", agent="a", event_id="e1"),
+            heartbeat("r"),
+            heartbeat("ghost"),
+            {"type": "bogus", "execution_id": "r"},
+            state_event("r", "pending"),
+        ],
+    )
+    await post(client, b"not json", 400)
+    stats = client.app[INGESTOR].stats
+    assert {"state": 3, "heartbeat": 2, "invalid": 1} == dict(stats.received)
+    assert {
+        "unknown_execution": 1,
+        "invalid_field": 1,
+        "invalid_transition": 1,
+        "invalid_body": 1,
+    } == dict(stats.rejected)
+    assert (2, 1) == (stats.accepted, stats.duplicates)
