@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", help="the TOML file to check")
 
-    status = commands.add_parser("status", help="print the live executions")
+    status = commands.add_parser(
+        "status", help="print the live executions (and dead ones, which may yet revive)"
+    )
     status.add_argument("--url", help=f"daemon URL (default: $EXECWATCH_URL or {DEFAULT_URL})")
     status.add_argument("--tenant", help="only this tenant")
     status.add_argument("--agent", help="only this agent")
@@ -118,7 +120,11 @@ def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             if cursor is None:
                 break
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"execwatch: cannot read {base}/v1/executions: {exc}", file=sys.stderr)
+        print(
+            f"execwatch: cannot read {base}/v1/executions: {exc}; is the daemon running "
+            "(execwatch serve), and is --url or EXECWATCH_URL right?",
+            file=sys.stderr,
+        )
         return 1
     if not args.all:
         executions = [ex for ex in executions if ex["state"] in LIVE_STATES]

@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from monitor.errors import ConfigError
-from monitor.states import ExecState
+from monitor.states import BUILTIN_ALIASES, ExecState
 
 ENV_PREFIX = "EXECWATCH_"
 CLIENT_ENV = frozenset({"EXECWATCH_URL", "EXECWATCH_TOKEN", "EXECWATCH_CONFIG"})
@@ -84,6 +84,8 @@ class RetentionSettings:
     """Transitions kept per execution; the oldest go first."""
     event_ids: int = 100000
     """event_id values remembered for idempotency; the oldest are forgotten first."""
+    tombstones: int = 100000
+    """Evicted execution keys remembered, so a late event for one is refused, not re-registered."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Settings:
     port: int = 9478
     database: str = "execwatch.db"
     max_body_bytes: int = 4 * 1024 * 1024
+    max_batch_events: int = 10000
     defaults: Limits = DEFAULT_LIMITS
     agents: Mapping[str, Limits] = field(default_factory=lambda: MappingProxyType({}))
     breaker: BreakerSettings = BreakerSettings()
@@ -181,11 +184,13 @@ RETENTION_KEYS: Mapping[str, Check] = {
     "max_finished": _integer(0),
     "history": _integer(1),
     "event_ids": _integer(0),
+    "tombstones": _integer(0),
 }
 SCALAR_KEYS: Mapping[str, Check] = {
     "listen": _string,
     "database": _string,
     "max_body_bytes": _integer(1024),
+    "max_batch_events": _integer(1),
 }
 TABLE_KEYS = ("defaults", "agents", "breaker", "retention", "auth", "aliases")
 _FLOAT_KEYS = frozenset({"memory_soft_fraction", "failure_rate_threshold"})
@@ -250,7 +255,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
             values["host"], values["port"] = parse_listen(top["listen"])
         except ValueError as exc:
             problems.append(str(exc))
-    for key in ("database", "max_body_bytes"):
+    for key in ("database", "max_body_bytes", "max_batch_events"):
         if key in top:
             values[key] = top[key]
 
@@ -301,7 +306,13 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
     for alias, target in _sub(raw, "aliases", problems).items():
         if alias.lower() in canonical:
             problems.append(f"[aliases]: {alias!r} is a canonical state and cannot be an alias")
-        elif target not in canonical:
+        elif alias.lower() in BUILTIN_ALIASES:
+            builtin = BUILTIN_ALIASES[alias.lower()][0]
+            problems.append(
+                f"[aliases]: {alias!r} is already a built-in alias of '{builtin}' and cannot "
+                "be redefined"
+            )
+        elif type(target) is not str or target not in canonical:
             problems.append(
                 f"[aliases].{alias} = {target!r}: expected one of {', '.join(canonical)}"
             )
@@ -322,23 +333,34 @@ def _env_value(text: str) -> object:
         return text
 
 
+_STRING_KEYS = frozenset({"listen", "database", "memory_policy"})
+
+
 def _env_layer(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    """The EXECWATCH_* variables as a TOML-shaped table; each one is also checked on its
+    own, so a problem names the variable rather than a key of a file."""
     layer: dict[str, Any] = {}
-    for name, text in environ.items():
+    for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in CLIENT_ENV:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if not all(path):
             problems.append(f"{name}: empty key part; nest keys with a double underscore")
             continue
-        node = layer
+        value = (
+            text if path[-1] in _STRING_KEYS or path[0] in ("aliases", "auth") else _env_value(text)
+        )
+        single: dict[str, Any] = {}
+        node = single
         for part in path[:-1]:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"{name}: {part!r} is both a value and a table")
-                break
-        else:
-            node[path[-1]] = _env_value(text)
+        node[path[-1]] = value
+        try:
+            build_settings(single)
+        except ConfigError as exc:
+            problems.extend(f"{name}={text!r}: {problem}" for problem in exc.problems)
+            continue
+        layer = _merge(layer, single)
     return layer
 
 

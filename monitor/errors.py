@@ -8,6 +8,7 @@
         ├── UnknownExecution     404: the execution is not known and the event cannot register it
         ├── InvalidTransition    409: the state machine forbids the move (rule 7)
         │   └── FinalState       409: the execution already ended (rule 6)
+        ├── EvictedExecution     409: the execution ended and was evicted (rule 6 still holds)
         └── StaleSeq             409: the event's seq is lower than the last applied one
     DuplicateEvent               not an error: an event_id seen before, acknowledged, not applied
 
@@ -107,6 +108,20 @@ class FinalState(InvalidTransition):
             f"no event may follow (got '{target}')"
         )
         self.args = (self.message,)
+
+
+class EvictedExecution(Rejection):
+    """An event for an execution that ended and was evicted: rule 6 outlives retention."""
+
+    status = 409
+    reason = "final_state"
+
+    def __init__(self, execution_id: str, tenant: str) -> None:
+        self.execution_id = execution_id
+        super().__init__(
+            f"execution {execution_id!r} (tenant {tenant!r}) ended and was evicted after its "
+            "retention time; no event may follow, and its id may not be reused"
+        )
 
 
 class StaleSeq(Rejection):

@@ -68,6 +68,7 @@ MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_VALUE = 1024
 MAX_ERROR_NODES = 256
 MAX_ERROR_DEPTH = 8
+MAX_ERROR_CHARS = 16384
 MAX_INT = 2**63 - 1  # what SQLite and Prometheus hold exactly
 MAX_TS = 253402300799.0  # 9999-12-31T23:59:59Z
 DEFAULT_TENANT = "default"
@@ -98,15 +99,18 @@ class Event(NamedTuple):
     state: ExecState | None = None
     phase: str | None = None
     kind: Kind | None = None
+    rss_bytes: int | None = None
+    progress: float | int | str | None = None
+    # Detail fields from here on (see _FIRST_DETAIL): anything but liveness facts.
     parent_id: str | None = None
     limits: dict[str, float] | None = None
     memory_limit_bytes: int | None = None
     pid: int | None = None
-    rss_bytes: int | None = None
-    progress: float | int | str | None = None
     error: Any = None
     attributes: dict[str, Scalar] | None = None
     traceparent: str | None = None
+    detail: bool = False
+    """It carries more than liveness facts (limits, pid, attributes, ...): worth a commit."""
 
 
 def json_type(value: object) -> str:
@@ -125,8 +129,10 @@ def json_type(value: object) -> str:
 
 
 def _show(value: object) -> str:
+    """A bad value for an error message, with its JSON type: `string '12'`, `number -1`."""
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{json_type(value)} {text}"
 
 
 def _identifier(field: str, value: object) -> str:
@@ -169,11 +175,13 @@ def parse_ts(value: object) -> float:
         if 0 <= value <= MAX_TS:  # type: ignore[operator]
             return float(value)  # type: ignore[arg-type]
     elif type(value) is str and _RFC3339.fullmatch(value):
-        text = value.upper()
         try:
-            return datetime.fromisoformat(text).timestamp()
+            ts = datetime.fromisoformat(value.upper()).timestamp()
         except ValueError:
             pass
+        else:
+            if 0 <= ts <= MAX_TS:
+                return ts
     raise EventError(
         "ts",
         "field 'ts' must be epoch seconds (a number from 0 to 253402300799) or an RFC 3339 "
@@ -252,20 +260,22 @@ def _error(field: str, value: object) -> Any:
         raise EventError(
             "error", f"field 'error' must be a string or an object, got {json_type(value)}"
         )
-    budget = [MAX_ERROR_NODES]
+    budget = [MAX_ERROR_NODES, MAX_ERROR_CHARS]
 
     def walk(node: object, depth: int) -> None:
         budget[0] -= 1
-        if budget[0] < 0 or depth > MAX_ERROR_DEPTH:
+        if isinstance(node, str):
+            budget[1] -= len(node)
+        if budget[0] < 0 or budget[1] < 0 or depth > MAX_ERROR_DEPTH:
             raise EventError(
                 "error",
-                f"field 'error' is too large: at most {MAX_ERROR_NODES} values "
-                f"nested at most {MAX_ERROR_DEPTH} deep",
+                f"field 'error' is too large: at most {MAX_ERROR_NODES} values and "
+                f"{MAX_ERROR_CHARS} characters of keys and strings, nested at most "
+                f"{MAX_ERROR_DEPTH} deep",
             )
-        if isinstance(node, str) and len(node) > MAX_TEXT:
-            raise EventError("error", f"strings in 'error' may be at most {MAX_TEXT} characters")
         if isinstance(node, dict):
-            for item in node.values():
+            for name, item in node.items():
+                walk(name, depth + 1)
                 walk(item, depth + 1)
         elif isinstance(node, list):
             for item in node:
@@ -300,6 +310,8 @@ _LIMITS_SLOT = Event._fields.index("limits")
 _PHASE_SLOT = Event._fields.index("phase")
 _STATE_SLOT = Event._fields.index("state")
 _SKIP = -1
+_FIRST_DETAIL = Event._fields.index("parent_id")
+_DETAIL = len(Event._fields) - 1
 
 # Optional field -> (its slot in Event, its validator taking (field, value)). Parsing walks
 # only the keys an event carries: a heartbeat has four, not twenty (a third of the cost).
@@ -325,7 +337,7 @@ _SPECS: dict[str, tuple[int, Callable[[str, object], object]]] = {
     "traceparent": (Event._fields.index("traceparent"), _traceparent),
 }
 assert set(_SPECS) == FIELDS
-_EMPTY_TAIL = (None,) * (len(Event._fields) - 5)
+_EMPTY_TAIL = (*((None,) * (len(Event._fields) - 6)), False)
 
 
 def parse_event(
@@ -393,11 +405,13 @@ def parse_event(
         spec = _SPECS.get(key)
         if spec is None:
             raise EventError(
-                key, f"unknown field {_show(key)}; allowed fields: {_FIELD_LIST}", "unknown_field"
+                key, f"unknown field {key[:80]!r}; allowed fields: {_FIELD_LIST}", "unknown_field"
             )
         slot, check = spec
         if slot == _SKIP or value is None:
             continue
+        if slot >= _FIRST_DETAIL:
+            values[_DETAIL] = True
         if slot == _LIMITS_SLOT:
             if limits is None:
                 limits = values[slot] = {}

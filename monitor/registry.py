@@ -1,215 +1,46 @@
 """The live executions: apply(event, now) validates, updates and returns a Transition record.
 
 Pure: no asyncio, no I/O, the clock is a parameter. Everything downstream (the
-store, exporters, the live stream, detectors) is fed from the Transition records
-apply returns, never from scattered calls.
+store, exporters, the live stream, detectors) is fed from the records it
+produces: apply() returns the Transition an event caused; side records (a
+finding cleared by progress or by the end of the execution) wait in `outbox`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from monitor.config import Settings
-from monitor.errors import DuplicateEvent, EventError, FinalState, StaleSeq, UnknownExecution
-from monitor.events import LIMIT_FIELDS, MAX_ATTRIBUTES, Event, EventType, Kind, Scalar
+from monitor.errors import (
+    DuplicateEvent,
+    EventError,
+    EvictedExecution,
+    FinalState,
+    StaleSeq,
+    UnknownExecution,
+)
+from monitor.events import MAX_ATTRIBUTES, Event, EventType, Kind
+from monitor.model import Execution, FindingChange, Key, Transition
 from monitor.states import FINAL, TERMINAL, ExecState, check_transition
-
-Key = tuple[str, str]
-"""(tenant, execution_id): execution ids are unique within a tenant."""
 
 # Enum member lookups cost ~75 ns each on Python 3.11, module constants ~7 ns: the ingest
 # path reads these several times per event.
 _STATE = EventType.STATE
 _HEARTBEAT = EventType.HEARTBEAT
 _DEAD = ExecState.DEAD
+_PAUSED = ExecState.PAUSED
 _REVIVE_TO = frozenset(
     {ExecState.STARTING, ExecState.RUNNING, ExecState.PAUSED, ExecState.COMPLETING}
 )
+_RUN_CLOCK = frozenset({ExecState.RUNNING, ExecState.COMPLETING})
 
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One change of an execution's state (or, with old == new, of its phase)."""
-
-    tenant: str
-    execution_id: str
-    agent: str
-    kind: Kind
-    old: ExecState | None
-    new: ExecState
-    at: float
-    """When it happened: the event's time, or for a detector the deadline it missed."""
-    phase: str | None = None
-    reason: str | None = None
-    """Why a detector made it (`run_timeout`, `heartbeat`, ...); None when reported."""
-    revived: bool = False
-    """The execution was dead and showed proof of life (a false positive of the dead detector)."""
-
-    @property
-    def key(self) -> Key:
-        return (self.tenant, self.execution_id)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The history entry the API shows."""
-        entry: dict[str, Any] = {
-            "from": self.old,
-            "to": self.new,
-            "at": self.at,
-            "reason": self.reason,
-        }
-        if self.phase is not None:
-            entry["phase"] = self.phase
-        return entry
-
-
-class Execution:
-    """One execution as the registry knows it. Mutated only by Registry."""
-
-    __slots__ = (
-        "agent",
-        "attributes",
-        "created_at",
-        "error",
-        "execution_id",
-        "finished_at",
-        "history",
-        "kind",
-        "last_heartbeat_at",
-        "last_progress_at",
-        "last_seq",
-        "limits",
-        "memory_limit_bytes",
-        "parent_id",
-        "phase",
-        "pid",
-        "progress",
-        "rss_bytes",
-        "serial",
-        "state",
-        "state_since",
-        "tenant",
-        "traceparent",
-        "updated_at",
-    )
-
-    def __init__(
-        self,
-        tenant: str,
-        execution_id: str,
-        agent: str,
-        kind: Kind,
-        state: ExecState,
-        at: float,
-        now: float,
-        serial: int,
-        history: int,
-    ) -> None:
-        self.tenant = tenant
-        self.execution_id = execution_id
-        self.agent = agent
-        self.kind = kind
-        self.state = state
-        self.phase: str | None = None
-        self.parent_id: str | None = None
-        self.created_at = at
-        self.state_since = at
-        self.updated_at = now
-        self.last_heartbeat_at = now
-        """Daemon clock at the last proof of life (heartbeat or event): liveness is judged on
-        receipt, never on the sender's `ts`."""
-        self.last_progress_at = now
-        """Daemon clock at the last change of progress, phase or state (the stall clock)."""
-        self.limits: dict[str, float] = {}
-        self.memory_limit_bytes: int | None = None
-        self.pid: int | None = None
-        self.rss_bytes: int | None = None
-        self.progress: float | int | str | None = None
-        self.attributes: dict[str, Scalar] = {}
-        self.error: Any = None
-        self.traceparent: str | None = None
-        self.last_seq: int | None = None
-        self.finished_at: float | None = None
-        self.serial = serial
-        self.history: deque[Transition] = deque(maxlen=history)
-
-    @property
-    def key(self) -> Key:
-        return (self.tenant, self.execution_id)
-
-    def to_dict(self, settings: Settings) -> dict[str, Any]:
-        """The execution as the API shows it, with its effective limits."""
-        return {
-            "execution_id": self.execution_id,
-            "tenant": self.tenant,
-            "agent": self.agent,
-            "kind": self.kind,
-            "state": self.state,
-            "phase": self.phase,
-            "parent_id": self.parent_id,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "last_heartbeat_at": self.last_heartbeat_at,
-            "limits": effective_limits(self, settings),
-            "rss_bytes": self.rss_bytes,
-            "pid": self.pid,
-            "progress": self.progress,
-            "error": self.error,
-            "attributes": self.attributes,
-            "traceparent": self.traceparent,
-            "findings": [],
-            "history": [t.to_dict() for t in self.history],
-        }
-
-    def snapshot(self) -> dict[str, Any]:
-        """Every fact about the execution as plain data, for the store; Registry.restore()
-        reads it back."""
-        return {
-            "tenant": self.tenant,
-            "execution_id": self.execution_id,
-            "agent": self.agent,
-            "kind": self.kind.value,
-            "state": self.state.value,
-            "phase": self.phase,
-            "parent_id": self.parent_id,
-            "created_at": self.created_at,
-            "state_since": self.state_since,
-            "updated_at": self.updated_at,
-            "last_heartbeat_at": self.last_heartbeat_at,
-            "last_progress_at": self.last_progress_at,
-            "limits": dict(self.limits),
-            "memory_limit_bytes": self.memory_limit_bytes,
-            "pid": self.pid,
-            "rss_bytes": self.rss_bytes,
-            "progress": self.progress,
-            "attributes": dict(self.attributes),
-            "error": self.error,
-            "traceparent": self.traceparent,
-            "last_seq": self.last_seq,
-            "finished_at": self.finished_at,
-            "serial": self.serial,
-            "history": [[t.old, t.new, t.at, t.phase, t.reason, t.revived] for t in self.history],
-        }
-
-
-def effective_limits(execution: Execution, settings: Settings) -> dict[str, float | int]:
-    """The limits that apply: the execution's own, else its agent's, else [defaults]."""
-    configured = settings.limits_for(execution.agent)
-    limits: dict[str, float | int] = {}
-    for name in LIMIT_FIELDS:
-        value = execution.limits.get(name, getattr(configured, name))
-        if value is not None:
-            limits[name] = value
-    memory = execution.memory_limit_bytes or configured.memory_limit_bytes
-    if memory is not None:
-        limits["memory_limit_bytes"] = memory
-    return limits
+Record = Transition | FindingChange
 
 
 class Registry:
-    """The live executions of every tenant, keyed by (tenant, execution_id)."""
+    """The executions of every tenant, keyed by (tenant, execution_id)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -220,11 +51,25 @@ class Registry:
         self._finished_s = retention.finished_s
         self._max_finished = retention.max_finished
         self._finished: deque[tuple[float, int, Key]] = deque()
+        """(finished_at, finish_token, key), oldest first."""
+        self._finish_tokens = 0
         self.finished_count = 0
         """Executions in a terminal state (dead included) awaiting eviction."""
         self._max_event_ids = retention.event_ids
         self._event_ids: set[tuple[str, str]] = set()
         self._event_order: deque[tuple[str, str]] = deque()
+        self._tombstones: set[Key] = set()
+        self._tomb_order: deque[Key] = deque()
+        self.dirty: dict[Key, Execution] = {}
+        """Executions changed since the last commit: what the store must write before an ack."""
+        self.evicted: list[Key] = []
+        """Keys evicted since the last commit: what the store must forget."""
+        self.outbox: list[Record] = []
+        """Side records not returned by apply(); drained by whoever commits."""
+        self.findings: dict[tuple[Key, str], FindingChange] = {}
+        """Every active finding, by (execution key, finding)."""
+        self.stopping: dict[Key, str] = {}
+        """Executions that should stop, with the reason their next answer's directive gives."""
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -264,7 +109,7 @@ class Registry:
             page.append(ex)
         return page, None
 
-    # ---- writes --------------------------------------------------------------------------
+    # ---- the ingest path -----------------------------------------------------------------
 
     def apply(self, event: Event, now: float) -> Transition | None:
         """Apply one event at daemon time `now`; return the Transition it caused, if any.
@@ -277,91 +122,19 @@ class Registry:
             event_key = (event.tenant, event.event_id)
             if event_key in self._event_ids:
                 raise DuplicateEvent(event.event_id)
-        ex = self._executions.get((event.tenant, event.execution_id))
+        key = (event.tenant, event.execution_id)
+        ex = self._executions.get(key)
         if ex is None:
-            transition: Transition | None = self._register(event, now)
+            transition: Transition | None = self._register(key, event, now)
         else:
             transition = self._update(ex, event, now)
         if event_key is not None and self._max_event_ids:
             self._remember(event_key)
         return transition
 
-    def restore(self, snapshot: Mapping[str, Any]) -> Execution:
-        """Put back an execution from Execution.snapshot(), as it was (the replay at start-up).
-
-        Snapshots must come in their original registration order.
-        """
-        self._serial += 1
-        ex = Execution(
-            snapshot["tenant"],
-            snapshot["execution_id"],
-            snapshot["agent"],
-            Kind(snapshot["kind"]),
-            ExecState(snapshot["state"]),
-            snapshot["created_at"],
-            snapshot["updated_at"],
-            self._serial,
-            self._history,
-        )
-        for name in (
-            "phase",
-            "parent_id",
-            "state_since",
-            "last_heartbeat_at",
-            "last_progress_at",
-            "memory_limit_bytes",
-            "pid",
-            "rss_bytes",
-            "progress",
-            "error",
-            "traceparent",
-            "last_seq",
-        ):
-            setattr(ex, name, snapshot[name])
-        ex.limits = dict(snapshot["limits"])
-        ex.attributes = dict(snapshot["attributes"])
-        for old, new, at, phase, reason, revived in snapshot["history"]:
-            ex.history.append(
-                Transition(
-                    ex.tenant,
-                    ex.execution_id,
-                    ex.agent,
-                    ex.kind,
-                    None if old is None else ExecState(old),
-                    ExecState(new),
-                    at,
-                    phase,
-                    reason,
-                    revived,
-                )
-            )
-        self._executions[ex.key] = ex
-        if snapshot["finished_at"] is not None:
-            self._finish(ex, snapshot["finished_at"])
-        return ex
-
-    def evict(self, now: float) -> list[Key]:
-        """Forget finished executions past their retention time or over the count cap;
-        return the keys evicted (the store forgets them too)."""
-        evicted: list[Key] = []
-        finished = self._finished
-        while finished and (
-            self.finished_count > self._max_finished or finished[0][0] + self._finished_s <= now
-        ):
-            finished_at, serial, key = finished.popleft()
-            ex = self._executions.get(key)
-            # A stale entry: evicted already, re-registered, or revived (and maybe finished
-            # again, with an entry of its own further on).
-            if ex is None or ex.serial != serial or ex.finished_at != finished_at:
-                continue
-            del self._executions[key]
-            self.finished_count -= 1
-            evicted.append(key)
-        return evicted
-
-    # ---- internals -----------------------------------------------------------------------
-
-    def _register(self, event: Event, now: float) -> Transition:
+    def _register(self, key: Key, event: Event, now: float) -> Transition:
+        if key in self._tombstones:
+            raise EvictedExecution(event.execution_id, event.tenant)
         if event.agent is None:
             raise UnknownExecution(
                 event.execution_id,
@@ -378,25 +151,24 @@ class Registry:
             self._too_many_attributes(event, len(event.attributes))
         self._serial += 1
         ex = Execution(
-            event.tenant,
-            event.execution_id,
-            event.agent,
-            event.kind or Kind.AGENT,
-            state,
-            event.at,
-            now,
-            self._serial,
-            self._history,
-        )
-        self._executions[ex.key] = ex
+            event.tenant, event.execution_id, event.agent, event.kind or Kind.AGENT, state,
+            event.at, now, self._serial, self._history,
+        )  # fmt: skip
+        self._executions[key] = ex
         self._absorb(ex, event, now)
+        self._absorb_detail(ex, event)
         ex.phase = event.phase
+        if state in _RUN_CLOCK:
+            ex.running_at = now
+        elif state is _PAUSED:
+            ex.paused_at = now
         transition = Transition(
             ex.tenant, ex.execution_id, ex.agent, ex.kind, None, state, event.at, ex.phase
         )
         ex.history.append(transition)
         if state in TERMINAL:
             self._finish(ex, now)
+        self.dirty[key] = ex
         return transition
 
     def _update(self, ex: Execution, event: Event, now: float) -> Transition | None:
@@ -415,8 +187,8 @@ class Registry:
         elif current in FINAL:
             raise FinalState(ex.execution_id, current, "heartbeat")
         elif current is _DEAD:
-            target = ex.history[-1].old if ex.history else None
-            target = target if target in _REVIVE_TO else ExecState.RUNNING
+            died_from = ex.died_from
+            target = died_from if died_from in _REVIVE_TO else ExecState.RUNNING
             changed = True
         else:
             target, changed = current, False
@@ -426,41 +198,44 @@ class Registry:
                 self._too_many_attributes(event, merged)
 
         self._absorb(ex, event, now)
-        phase_changed = event.phase is not None and event.phase != ex.phase
-        if phase_changed:
-            ex.phase = event.phase
-            ex.last_progress_at = now
+        if event.detail:
+            self._absorb_detail(ex, event)
+            self.dirty[ex.key] = ex
+        # Liveness facts alone (heartbeat times, seq, progress, rss) are checkpointed,
+        # not committed per event: they change on every heartbeat.
         if changed:
             assert target is not None
-            return self._move(ex, target, event.at, now)
-        if phase_changed:
+            ex.phase = event.phase  # a phase is detail inside one state: it ends with it
+            # History runs forward even when a sender's clock does not.
+            return self._move(ex, target, max(event.at, ex.state_since), now)
+        if event.phase is not None and event.phase != ex.phase:
+            ex.phase = event.phase
+            self._progressed(ex, now)
             transition = Transition(
-                ex.tenant,
-                ex.execution_id,
-                ex.agent,
-                ex.kind,
-                current,
-                current,
-                event.at,
-                ex.phase,
-            )
+                ex.tenant, ex.execution_id, ex.agent, ex.kind, current, current,
+                max(event.at, ex.state_since), ex.phase,
+            )  # fmt: skip
             ex.history.append(transition)
+            self.dirty[ex.key] = ex
             return transition
         return None
 
     def _absorb(self, ex: Execution, event: Event, now: float) -> None:
-        """Copy an accepted event's facts onto the execution."""
+        """Copy an accepted event's liveness facts onto the execution."""
         ex.updated_at = now
         ex.last_heartbeat_at = now
         if event.seq is not None:
             ex.last_seq = event.seq
         if event.progress is not None and event.progress != ex.progress:
             ex.progress = event.progress
-            ex.last_progress_at = now
+            self._progressed(ex, now)
         if event.rss_bytes is not None:
             ex.rss_bytes = event.rss_bytes
-        if event.type is _HEARTBEAT:
-            return
+            ex.rss_samples.append((now, event.rss_bytes))
+
+    @staticmethod
+    def _absorb_detail(ex: Execution, event: Event) -> None:
+        """Copy the rest: limits, identity and context fields (rarer, and worth a commit)."""
         if event.limits:
             ex.limits.update(event.limits)
         if event.memory_limit_bytes is not None:
@@ -476,43 +251,201 @@ class Registry:
         if event.traceparent is not None:
             ex.traceparent = event.traceparent
 
+    def _progressed(self, ex: Execution, now: float) -> None:
+        ex.last_progress_at = now
+        if "stalled" in ex.findings:
+            self.clear_finding(ex, "stalled", now)
+
+    # ---- detector entry points -----------------------------------------------------------
+
+    def expire(
+        self, ex: Execution, target: ExecState, reason: str, at: float, now: float
+    ) -> Transition:
+        """A detector ends `ex` (timeout, dead, failed), back-dated to the deadline `at`."""
+        transition = self._move(ex, target, at, now, reason, detected_at=now)
+        self.stopping[ex.key] = reason
+        self.dirty[ex.key] = ex
+        return transition
+
+    def raise_finding(
+        self, ex: Execution, finding: str, since: float, detail: str, now: float
+    ) -> FindingChange | None:
+        """Mark `finding` active on `ex`; None if it already was."""
+        if finding in ex.findings:
+            return None
+        change = FindingChange(
+            ex.tenant, ex.execution_id, ex.agent, ex.kind, finding, True, since, detail, now
+        )
+        ex.findings[finding] = change
+        self.findings[(ex.key, finding)] = change
+        self.dirty[ex.key] = ex
+        self.outbox.append(change)
+        return change
+
+    def clear_finding(self, ex: Execution, finding: str, now: float) -> FindingChange | None:
+        """Clear `finding` from `ex`; None if it was not active."""
+        raised = ex.findings.pop(finding, None)
+        if raised is None:
+            return None
+        del self.findings[(ex.key, finding)]
+        change = FindingChange(
+            ex.tenant, ex.execution_id, ex.agent, ex.kind, finding, False, now, raised.detail, now
+        )
+        self.dirty[ex.key] = ex
+        self.outbox.append(change)
+        return change
+
+    def request_cancel(self, ex: Execution, reason: str) -> None:
+        """Ask `ex` to stop: every later answer about it carries a cancel directive."""
+        ex.cancel_reason = reason
+        if ex.state not in FINAL:
+            self.stopping[ex.key] = reason
+        self.dirty[ex.key] = ex
+
+    # ---- transitions, retention ----------------------------------------------------------
+
     def _move(
-        self, ex: Execution, target: ExecState, at: float, now: float, reason: str | None = None
+        self,
+        ex: Execution,
+        target: ExecState,
+        at: float,
+        now: float,
+        reason: str | None = None,
+        detected_at: float | None = None,
     ) -> Transition:
         old = ex.state
+        revived = old is _DEAD
         transition = Transition(
-            ex.tenant,
-            ex.execution_id,
-            ex.agent,
-            ex.kind,
-            old,
-            target,
-            at,
-            ex.phase,
-            reason,
-            revived=old is ExecState.DEAD,
-        )
+            ex.tenant, ex.execution_id, ex.agent, ex.kind, old, target, at, ex.phase, reason,
+            revived, detected_at,
+        )  # fmt: skip
         ex.state = target
         ex.state_since = at
-        ex.last_progress_at = now
         ex.history.append(transition)
-        if old in TERMINAL:  # only dead leaves a terminal state: a revival
+        self._progressed(ex, now)
+        if old is _PAUSED and ex.paused_at is not None:
+            ex.paused_s += now - ex.paused_at
+            ex.paused_at = None
+        if target is _PAUSED:
+            ex.paused_at = now
+        elif target in _RUN_CLOCK and ex.running_at is None:
+            ex.running_at = now
+            ex.run_paused_s = ex.paused_s
+        if revived:
             ex.finished_at = None
+            ex.died_from = None
             self.finished_count -= 1
+            if ex.cancel_reason is None:
+                self.stopping.pop(ex.key, None)
+            else:
+                self.stopping[ex.key] = ex.cancel_reason
         if target in TERMINAL:
+            if target is _DEAD:
+                ex.died_from = old
+            elif reason is None and ex.cancel_reason is not None:
+                self.stopping.pop(ex.key, None)  # it stopped as asked
+            for finding in list(ex.findings):
+                self.clear_finding(ex, finding, now)
             self._finish(ex, now)
+        self.dirty[ex.key] = ex
         return transition
 
     def _finish(self, ex: Execution, now: float) -> None:
         ex.finished_at = now
+        self._finish_tokens += 1
+        ex.finish_token = self._finish_tokens
         self.finished_count += 1
-        self._finished.append((now, ex.serial, ex.key))
+        finished = self._finished
+        finished.append((now, ex.finish_token, ex.key))
+        # Entries go stale when an execution is revived; drop them before they pile up.
+        if len(finished) > 2 * self.finished_count + 64:
+            self._finished = deque(entry for entry in finished if self._is_current(entry))
+
+    def _is_current(self, entry: tuple[float, int, Key]) -> bool:
+        _, token, key = entry
+        ex = self._executions.get(key)
+        return ex is not None and ex.finished_at is not None and ex.finish_token == token
+
+    def evict(self, now: float) -> list[Key]:
+        """Forget finished executions past their retention time or over the count cap;
+        return the keys evicted. Later events for them are refused (409 final_state)."""
+        evicted: list[Key] = []
+        finished = self._finished
+        while finished and (
+            self.finished_count > self._max_finished or finished[0][0] + self._finished_s <= now
+        ):
+            entry = finished.popleft()
+            if not self._is_current(entry):
+                continue
+            key = entry[2]
+            ex = self._executions.pop(key)
+            for finding in ex.findings:
+                self.findings.pop((key, finding), None)
+            self.stopping.pop(key, None)
+            self.dirty.pop(key, None)
+            self.finished_count -= 1
+            self._bury(key)
+            evicted.append(key)
+        self.evicted.extend(evicted)
+        return evicted
+
+    def _bury(self, key: Key) -> None:
+        self._tombstones.add(key)
+        self._tomb_order.append(key)
+        if len(self._tomb_order) > self.settings.retention.tombstones:
+            self._tombstones.discard(self._tomb_order.popleft())
 
     def _remember(self, event_key: tuple[str, str]) -> None:
         self._event_ids.add(event_key)
         self._event_order.append(event_key)
         if len(self._event_order) > self._max_event_ids:
             self._event_ids.discard(self._event_order.popleft())
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def take_changes(self) -> tuple[dict[Key, Execution], list[Key]]:
+        """Hand over what changed since the last commit (and start a new change set)."""
+        dirty, evicted = self.dirty, self.evicted
+        self.dirty, self.evicted = {}, []
+        return dirty, evicted
+
+    def return_changes(self, dirty: Mapping[Key, Execution], evicted: list[Key]) -> None:
+        """A commit failed: its changes are owed to the next one."""
+        for key, ex in dirty.items():
+            if self._executions.get(key) is ex:
+                self.dirty.setdefault(key, ex)
+        self.evicted[:0] = evicted
+
+    def restore_all(self, snapshots: Iterable[dict[str, Any]]) -> int:
+        """Restore every snapshot (in registration order); return how many."""
+        count = 0
+        for snapshot in snapshots:
+            self.restore(snapshot)
+            count += 1
+        # Retention walks finishes oldest first; registration order is not finish order.
+        self._finished = deque(sorted(self._finished))
+        return count
+
+    def restore(self, snapshot: dict[str, Any]) -> Execution:
+        """Put back an execution from Execution.snapshot(), as it was (the replay at start-up).
+
+        Snapshots must come in their original registration order.
+        """
+        self._serial += 1
+        ex = Execution.from_snapshot(snapshot, self._serial, self._history)
+        self._executions[ex.key] = ex
+        for finding, change in ex.findings.items():
+            self.findings[(ex.key, finding)] = change
+        if ex.finished_at is not None:
+            self._finish(ex, ex.finished_at)
+        last = ex.history[-1] if ex.history else None
+        if ex.state in TERMINAL and last is not None and last.reason is not None:
+            self.stopping[ex.key] = last.reason
+        elif ex.cancel_reason is not None and ex.state not in TERMINAL:
+            self.stopping[ex.key] = ex.cancel_reason
+        return ex
+
+    # ---- errors --------------------------------------------------------------------------
 
     @staticmethod
     def _mismatch(ex: Execution, event: Event) -> None:
@@ -537,11 +470,9 @@ class Registry:
         )
 
 
-def counts_by_agent(
-    executions: Iterator[Execution] | list[Execution],
-) -> Mapping[tuple[str, str], dict[str, int]]:
+def counts_by_agent(executions: Iterator[Execution] | list[Execution]) -> dict[Key, dict[str, int]]:
     """(tenant, agent) -> {state: count} over `executions`."""
-    counts: dict[tuple[str, str], dict[str, int]] = {}
+    counts: dict[Key, dict[str, int]] = {}
     for ex in executions:
         per = counts.setdefault((ex.tenant, ex.agent), {})
         per[ex.state] = per.get(ex.state, 0) + 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from monitor.registry import Transition
+from monitor.model import Transition
+from monitor.registry import Record
 
 EPOCH = 1_763_740_000.0
 """A fixed, realistic start time (2025-11-21) for fake clocks."""
@@ -39,17 +40,21 @@ def heartbeat(execution_id: str, **fields: Any) -> dict[str, Any]:
 
 
 class RecordingSink:
-    """A sink that keeps every batch of transitions it is given."""
+    """A sink that keeps every batch of records it is given."""
 
     def __init__(self) -> None:
-        self.batches: list[list[Transition]] = []
+        self.batches: list[list[Record]] = []
 
-    def __call__(self, transitions: Sequence[Transition]) -> None:
-        self.batches.append(list(transitions))
+    def __call__(self, records: Sequence[Record]) -> None:
+        self.batches.append(list(records))
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for batch in self.batches for r in batch]
 
     @property
     def transitions(self) -> list[Transition]:
-        return [t for batch in self.batches for t in batch]
+        return [r for r in self.records if isinstance(r, Transition)]
 
 
 class FailingSink:
@@ -58,6 +63,6 @@ class FailingSink:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, transitions: Sequence[Transition]) -> None:
+    def __call__(self, records: Sequence[Record]) -> None:
         self.calls += 1
         raise RuntimeError("this sink always fails")

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from monitor import __version__
-from monitor.errors import BodyError
+from monitor.errors import Rejection
 from monitor.events import DEFAULT_TENANT, Kind
 from monitor.registry import counts_by_agent
 from monitor.server.ingest import StoreUnavailable
@@ -78,25 +78,44 @@ async def post_events(request: web.Request) -> web.Response:
     now = request.app[CLOCK]()
     try:
         result = await ingestor.ingest(body, request.content_type, now)
-    except BodyError as exc:
+    except Rejection as exc:  # the body as a whole: not JSON (400), too many events (413)
         ingestor.stats.rejected[exc.reason] += 1
-        return error(400, exc.message)
+        return error(exc.status, exc.message)
     except StoreUnavailable:
         return error(
             503,
-            "the store could not commit; the events are applied in memory but not durable, "
-            "retry them (event_id makes the retry safe)",
+            "the store could not commit, so nothing in this request is acknowledged; retry "
+            "it (with event_id a retry is never applied twice)",
             {"Retry-After": "1"},
         )
     return respond(result.body, result.status)
 
 
 def _query_error(name: str, value: str, allowed: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=f"query parameter {name!r} = {value!r}: expected {allowed}")
+    return web.HTTPBadRequest(text=f"query parameter {name!r} = {value[:80]!r}: expected {allowed}")
+
+
+def _check_params(request: web.Request, allowed: tuple[str, ...]) -> None:
+    """Refuse unknown query parameters: a misspelt filter must not silently match all."""
+    for name in request.query:
+        if name not in allowed:
+            raise web.HTTPBadRequest(
+                text=f"unknown query parameter {name[:80]!r}; allowed: {', '.join(allowed)}"
+            )
+
+
+def _integer(name: str, text: str, minimum: int, allowed: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 18) or int(text) < minimum:
+        raise _query_error(name, text, allowed)
+    return int(text)
+
+
+LIST_PARAMS = ("state", "agent", "kind", "tenant", "limit", "cursor")
 
 
 async def list_executions(request: web.Request) -> web.Response:
     """GET /v1/executions?state=&agent=&kind=&tenant=&limit=&cursor="""
+    _check_params(request, LIST_PARAMS)
     query = request.query
     registry = request.app[REGISTRY]
     state = kind = None
@@ -104,7 +123,9 @@ async def list_executions(request: web.Request) -> web.Response:
         resolved = request.app[INGESTOR].names.resolve(query["state"])
         if resolved is None:
             raise _query_error(
-                "state", query["state"], "a state: " + ", ".join(s.value for s in ExecState)
+                "state",
+                query["state"],
+                "a canonical state or an alias: " + ", ".join(s.value for s in ExecState),
             )
         state = resolved[0]
     if "kind" in query:
@@ -114,16 +135,15 @@ async def list_executions(request: web.Request) -> web.Response:
             raise _query_error("kind", query["kind"], ", ".join(k.value for k in Kind)) from None
     limit = DEFAULT_PAGE
     if "limit" in query:
-        text = query["limit"]
-        if not text.isdigit() or int(text) < 1:
-            raise _query_error("limit", text, f"an integer from 1 to {MAX_PAGE}")
-        limit = min(int(text), MAX_PAGE)
+        limit = min(
+            _integer(
+                "limit", query["limit"], 1, f"an integer >= 1 (pages hold {MAX_PAGE} at most)"
+            ),
+            MAX_PAGE,
+        )
     after = 0
     if "cursor" in query:
-        text = query["cursor"]
-        if not text.isdigit():
-            raise _query_error("cursor", text, "the next_cursor of a previous page")
-        after = int(text)
+        after = _integer("cursor", query["cursor"], 0, "the next_cursor of a previous page")
     page, resume = registry.select(
         tenant=query.get("tenant"),
         state=state,
@@ -143,6 +163,7 @@ async def list_executions(request: web.Request) -> web.Response:
 
 async def get_execution(request: web.Request) -> web.Response:
     """GET /v1/executions/{execution_id}?tenant="""
+    _check_params(request, ("tenant",))
     execution_id = request.match_info["execution_id"]
     tenant = request.query.get("tenant", DEFAULT_TENANT)
     ex = request.app[REGISTRY].get(tenant, execution_id)
@@ -153,6 +174,7 @@ async def get_execution(request: web.Request) -> web.Response:
 
 async def list_agents(request: web.Request) -> web.Response:
     """GET /v1/agents: per-agent counts by state."""
+    _check_params(request, ("tenant",))
     registry = request.app[REGISTRY]
     tenant = request.query.get("tenant")
     executions = [ex for ex in registry if tenant is None or ex.tenant == tenant]

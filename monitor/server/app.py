@@ -63,7 +63,9 @@ def make_app(
     app[STORE] = store
     app[CLOCK] = clock
     app[HEALTH] = Health()
-    app[INGESTOR] = Ingestor(registry, store, StateNames(settings.aliases), sinks)
+    app[INGESTOR] = Ingestor(
+        registry, store, StateNames(settings.aliases), sinks, settings.max_batch_events
+    )
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)  # type: ignore[arg-type]
     app.cleanup_ctx.append(_lifecycle)
@@ -74,11 +76,9 @@ def make_app(
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Replay the store into the registry, then declare the daemon ready; close it at exit."""
     registry, store, health = app[REGISTRY], app[STORE], app[HEALTH]
-    snapshots = await store.load()
-    for snapshot in snapshots:
-        registry.restore(snapshot)
+    restored = registry.restore_all(await store.load())
     health.ready = True
-    log.info("store_replayed", executions=len(snapshots))
+    log.info("store_replayed", executions=restored)
     yield
     health.ready = False
     await store.close()
@@ -101,6 +101,7 @@ async def _evict_loop(app: web.Application, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await ingestor.commit((), registry.evict(clock()))
+            registry.evict(clock())
+            await ingestor.commit()
         except Exception:
             log.exception("housekeeping_failed")

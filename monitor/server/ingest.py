@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,16 +12,22 @@ import structlog
 
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import EventType, decode_body, parse_event
-from monitor.registry import Execution, Registry, Transition
+from monitor.model import Key
+from monitor.registry import Record, Registry
 from monitor.states import StateNames
 from monitor.store import Changes, Store
 
 log = structlog.get_logger("execwatch.ingest")
 
-Sink = Callable[[Sequence[Transition]], None]
-"""Receives every committed batch of transitions (exporters, the live stream). Must not block."""
+Sink = Callable[[Sequence[Record]], None]
+"""Receives every batch of records (exporters, the live stream). Must not block."""
 
 _HEARTBEAT = EventType.HEARTBEAT
+MAX_REJECTIONS_SHOWN = 100
+"""An answer lists at most this many rejections; `rejected_omitted` counts the rest."""
+YIELD_EVERY = 500
+"""Events applied between two yields to the event loop, so one big batch cannot starve
+the heartbeats of everyone else."""
 
 
 @dataclass(slots=True)
@@ -28,9 +35,9 @@ class IngestStats:
     """Counts of what the ingest path saw; the Prometheus exporter reads them at scrape."""
 
     received: Counter[str] = field(default_factory=Counter)
-    """Events by `type` ("invalid" when the type itself was missing or wrong)."""
+    """Events by `type` ("invalid" when the event could not be parsed)."""
     rejected: Counter[str] = field(default_factory=Counter)
-    """Rejected events by reason."""
+    """Rejected events (and bodies) by reason."""
     duplicates: int = 0
     accepted: int = 0
     store_failures: int = 0
@@ -46,7 +53,14 @@ class IngestResult:
 
 
 class StoreUnavailable(Exception):
-    """The store failed to commit; the events are applied in memory but not durable."""
+    """The store failed to commit; the changes stay owed to the next commit."""
+
+
+class BatchTooLarge(Rejection):
+    """More events in one body than `max_batch_events`."""
+
+    status = 413
+    reason = "batch_too_large"
 
 
 class Ingestor:
@@ -58,11 +72,13 @@ class Ingestor:
         store: Store,
         names: StateNames,
         sinks: Sequence[Sink] = (),
+        max_batch_events: int = 10000,
     ) -> None:
         self.registry = registry
         self.store = store
         self.names = names
         self.sinks = list(sinks)
+        self.max_batch_events = max_batch_events
         self.stats = IngestStats()
 
     async def ingest(
@@ -70,16 +86,25 @@ class Ingestor:
     ) -> IngestResult:
         """Apply every good event of `body` at daemon time `now`; reject the rest by index.
 
-        Raises BodyError when the body is not JSON/NDJSON at all, StoreUnavailable when
-        the durable commit failed.
+        Raises BodyError when the body is not JSON/NDJSON at all, BatchTooLarge over
+        `max_batch_events`, StoreUnavailable when the durable commit failed.
         """
         decoded = decode_body(body, content_type)
+        items = decoded.items
+        if len(items) > self.max_batch_events:
+            raise BatchTooLarge(
+                f"the body holds {len(items)} events; at most {self.max_batch_events} "
+                "(max_batch_events) are taken in one request: split the batch"
+            )
         registry, names, stats = self.registry, self.names, self.stats
-        apply = registry.apply
+        apply, stopping = registry.apply, registry.stopping
         accepted = heartbeats = invalid = duplicates = 0
         rejected: list[dict[str, Any]] = []
-        transitions: list[Transition] = []
-        for index, item in enumerate(decoded.items):
+        named: dict[Key, None] = {}
+        records: list[Record] = []
+        for index, item in enumerate(items):
+            if index and not index % YIELD_EVERY:
+                await asyncio.sleep(0)
             event = None
             try:
                 if isinstance(item, Rejection):
@@ -87,71 +112,83 @@ class Ingestor:
                 event = parse_event(item, now, names, tenant)
                 transition = apply(event, now)
                 if transition is not None:
-                    transitions.append(transition)
+                    records.append(transition)
                 accepted += 1
             except DuplicateEvent:
                 duplicates += 1
             except Rejection as exc:
                 stats.rejected[exc.reason] += 1
-                rejected.append(
-                    {
-                        "index": index,
-                        "status": exc.status,
-                        "reason": exc.reason,
-                        "error": exc.message,
-                    }
-                )
+                if len(rejected) < MAX_REJECTIONS_SHOWN:
+                    rejected.append(
+                        {
+                            "index": index,
+                            "status": exc.status,
+                            "reason": exc.reason,
+                            "error": exc.message,
+                        }
+                    )
             if event is None:
                 invalid += 1
-            elif event.type is _HEARTBEAT:
+                continue
+            if event.type is _HEARTBEAT:
                 heartbeats += 1
+            if stopping:
+                key = (event.tenant, event.execution_id)
+                if key in stopping:
+                    named[key] = None
         # Counted once per batch: a Counter update per event costs more than the rest of
         # the loop's bookkeeping together.
-        states = len(decoded.items) - heartbeats - invalid
+        states = len(items) - heartbeats - invalid
         stats.received.update(heartbeat=heartbeats, state=states, invalid=invalid)
         stats.accepted += accepted
         stats.duplicates += duplicates
+        registry.evict(now)
 
-        await self.commit(transitions, registry.evict(now))
+        await self.commit(records)
 
-        status = 202
-        if decoded.single and rejected:
-            status = rejected[0]["status"]
-        return IngestResult(
-            status,
-            {
-                "accepted": accepted,
-                "duplicates": duplicates,
-                "rejected": rejected,
-                "directives": [],
-            },
-        )
+        answer: dict[str, Any] = {
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "rejected": rejected,
+            "directives": [
+                {"execution_id": key[1], "action": "cancel", "reason": stopping[key]}
+                for key in named
+                if key in stopping
+            ],
+        }
+        omitted = len(items) - accepted - duplicates - len(rejected)
+        if omitted:
+            answer["rejected_omitted"] = omitted
+        status = rejected[0]["status"] if decoded.single and rejected else 202
+        return IngestResult(status, answer)
 
-    async def commit(
-        self, transitions: Sequence[Transition], evicted: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        """Make `transitions` durable, then hand them to every sink."""
-        if not transitions and not evicted:
-            return
-        touched: dict[tuple[str, str], Execution] = {}
-        for transition in transitions:
-            ex = self.registry.get(transition.tenant, transition.execution_id)
-            if ex is not None:
-                touched[ex.key] = ex
+    async def commit(self, records: Sequence[Record] = ()) -> None:
+        """Make every owed change durable, then hand `records` and the registry's side
+        records to every sink. Nothing is acknowledged before this returns."""
+        registry = self.registry
+        if registry.outbox:
+            records = [*records, *registry.outbox]
+            registry.outbox.clear()
         try:
-            await self.store.commit(Changes(transitions, list(touched.values()), evicted))
-        except Exception as exc:
-            self.stats.store_failures += 1
-            log.exception("store_commit_failed", transitions=len(transitions))
-            raise StoreUnavailable(str(exc)) from exc
-        if transitions:
-            self.fan_out(transitions)
+            if registry.dirty or registry.evicted:
+                dirty, evicted = registry.take_changes()
+                try:
+                    await self.store.commit(Changes(records, list(dirty.values()), evicted))
+                except Exception as exc:
+                    registry.return_changes(dirty, evicted)
+                    self.stats.store_failures += 1
+                    log.exception("store_commit_failed", executions=len(dirty))
+                    raise StoreUnavailable(str(exc)) from exc
+        finally:
+            # The sinks mirror the registry, which changed whether or not the store kept up.
+            if records:
+                self.fan_out(records)
 
-    def fan_out(self, transitions: Sequence[Transition]) -> None:
-        """Give `transitions` to every sink; a sink that raises is logged and skipped."""
+    def fan_out(self, records: Sequence[Record]) -> None:
+        """Give `records` to every sink; a sink that raises is logged and skipped."""
         for sink in self.sinks:
             try:
-                sink(transitions)
+                sink(records)
             except Exception:
                 name = getattr(sink, "__qualname__", type(sink).__name__)
                 self.stats.sink_failures[name] += 1

@@ -31,15 +31,19 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings, insecure: bool) -> None:
-    """Refuse a non-loopback address without tokens unless told --insecure."""
-    if settings.tokens or insecure or is_loopback(settings.host):
+    """Refuse a non-loopback address unless told --insecure.
+
+    Bearer tokens are read from [auth.tokens] but not enforced yet, so they do not
+    make a public address safe: until they are, only --insecure opens one.
+    """
+    if insecure or is_loopback(settings.host):
         return
     raise ConfigError(
         [
             f"listen = {settings.listen!r} accepts connections from other machines, and no "
-            "[auth.tokens] are configured, so anyone who can reach it could write and read "
-            "every tenant's executions; configure [auth.tokens], listen on 127.0.0.1, "
-            "or pass --insecure if the network is trusted"
+            "authentication is enforced yet ([auth.tokens] are read but not checked), so "
+            "anyone who can reach it could write and read every tenant's executions; listen "
+            "on 127.0.0.1, or pass --insecure if the network is trusted"
         ]
     )
 
@@ -53,12 +57,19 @@ async def run(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                [f"cannot listen on {settings.listen}: {exc.strerror}; pick another --listen"]
+            ) from None
+        urls = []
         for host, port, *_ in runner.addresses:
             shown = f"[{host}]" if ":" in host else host
+            urls.append(f"http://{shown}:{port}")
             # One plain line a supervisor or a test can wait for.
-            print(f"execwatch listening on http://{shown}:{port}", file=sys.stderr, flush=True)
-        log.info("daemon_started", listen=settings.listen, database=settings.database)
+            print(f"execwatch listening on {urls[-1]}", file=sys.stderr, flush=True)
+        log.info("daemon_started", listen=urls, database=settings.database)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

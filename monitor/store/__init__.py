@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from monitor.registry import Execution, Key, Transition
+from monitor.model import Execution, Key
+from monitor.registry import Record
 
 Snapshot = dict[str, Any]
 """An execution as Execution.snapshot() writes it and Registry.restore() reads it."""
@@ -14,11 +15,13 @@ Snapshot = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What one ingest batch (or one housekeeping pass) changed."""
+    """What changed since the last commit."""
 
-    transitions: Sequence[Transition] = ()
+    records: Sequence[Record] = ()
+    """Transitions and findings, in order: the history a store may keep."""
     executions: Sequence[Execution] = ()
-    """The executions the transitions touched, snapshotted by the store when it commits."""
+    """Every execution changed, live objects: commit() must snapshot them before its first
+    await, because the registry goes on changing them."""
     evicted: Sequence[Key] = ()
 
 

@@ -253,6 +253,10 @@ async def test_listing_filters_and_follows_the_cursor(make_client: ClientFactory
         ("limit=0", "'limit'"),
         ("limit=ten", "'limit'"),
         ("cursor=abc", "'cursor'"),
+        ("limit=\u00b2", "'limit'"),
+        ("cursor=\u00b2", "'cursor'"),
+        ("cursor=" + "9" * 5000, "'cursor'"),
+        ("stat=running", "unknown query parameter 'stat'"),
     ],
 )
 async def test_bad_query_parameters_are_400_naming_the_parameter(
@@ -345,21 +349,90 @@ async def test_sinks_get_committed_transitions_and_a_failing_one_is_skipped(
     ]
 
 
-class BrokenStore(MemoryStore):
+class FlakyStore(MemoryStore):
+    """Fails its next `failures` commits, then works."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
     async def commit(self, changes: Changes) -> None:
-        raise OSError("disk full")
+        if self.failures:
+            self.failures -= 1
+            raise OSError("disk full")
+        await super().commit(changes)
 
 
-async def test_a_failing_store_answers_503_with_retry_after(make_client: ClientFactory) -> None:
-    """A state event that cannot be made durable is not acknowledged."""
-    client = await make_client(store=BrokenStore())
-    response = await client.post(
-        "/v1/events", data=orjson.dumps(state_event("r", "running", agent="a"))
+async def test_a_failing_store_answers_503_and_a_retry_makes_it_durable(
+    make_client: ClientFactory,
+) -> None:
+    """Nothing is acknowledged before it is durable; a retry with the same event_id is."""
+    store = FlakyStore(failures=2)
+    client = await make_client(store=store)
+    event = state_event("r", "completed", agent="a", event_id="e1")
+    for _ in range(2):
+        response = await client.post("/v1/events", data=orjson.dumps(event))
+        assert (503, "1") == (response.status, response.headers["Retry-After"])
+        assert "nothing in this request is acknowledged" in (await response.json())["error"]
+    assert {} == store.snapshots
+    answer = await post(client, event)  # the store is back: the owed change is committed
+    assert (0, 1) == (answer["accepted"], answer["duplicates"])
+    assert "completed" == store.snapshots[("default", "r")]["state"]
+
+
+async def test_a_same_state_event_with_new_facts_is_committed(make_client: ClientFactory) -> None:
+    """Limits, attributes or seq on a no-op state event reach the store too."""
+    store = MemoryStore()
+    client = await make_client(store=store)
+    await post(client, state_event("r", "running", agent="a"))
+    await post(client, state_event("r", "running", run_timeout_s=7, attributes={"k": 1}, seq=9))
+    snap = store.snapshots[("default", "r")]
+    assert ({"run_timeout_s": 7.0}, {"k": 1}, 9) == (
+        snap["limits"],
+        snap["attributes"],
+        snap["last_seq"],
     )
-    assert (503, "1") == (response.status, response.headers["Retry-After"])
-    assert (
-        202 == (await client.post("/v1/events", data=orjson.dumps(heartbeat("r")))).status
-    )  # heartbeats need no commit: the daemon keeps serving
+
+
+async def test_a_heartbeat_keeps_every_field_it_carries(make_client: ClientFactory) -> None:
+    """A registering heartbeat (or a later one) never accepts a field and drops it."""
+    store = MemoryStore()
+    client = await make_client(store=store)
+    await post(
+        client,
+        heartbeat(
+            "r",
+            agent="a",
+            heartbeat_timeout_s=5,
+            pid=42,
+            memory_limit_bytes=1024,
+            attributes={"k": "v"},
+            parent_id="p",
+            traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    )
+    await post(client, heartbeat("r", error="late detail", attributes={"k2": 2}))
+    execution = await get(client, "/v1/executions/r")
+    assert (5.0, 1024, 42, "p", {"k": "v", "k2": 2}, "late detail") == (
+        execution["limits"]["heartbeat_timeout_s"],
+        execution["limits"]["memory_limit_bytes"],
+        execution["pid"],
+        execution["parent_id"],
+        execution["attributes"],
+        execution["error"],
+    )
+    assert "late detail" == store.snapshots[("default", "r")]["error"]
+
+
+async def test_a_huge_batch_is_refused_and_rejections_are_capped(
+    make_client: ClientFactory,
+) -> None:
+    """Over max_batch_events is 413; a batch of junk lists 100 rejections and counts the rest."""
+    client = await make_client({"max_batch_events": 1000})
+    answer = await post(client, [1] * 1001, 413)
+    assert "at most 1000 (max_batch_events)" in answer["error"]
+    answer = await post(client, [1] * 1000)
+    assert (100, 900) == (len(answer["rejected"]), answer["rejected_omitted"])
 
 
 async def test_state_is_committed_before_the_answer_and_replayed_on_start(

@@ -128,18 +128,47 @@ def test_status_says_when_the_daemon_is_unreachable(capsys: pytest.CaptureFixtur
     assert "cannot read http://127.0.0.1:9/v1/executions" in capsys.readouterr().err
 
 
-def test_a_public_address_without_tokens_is_refused() -> None:
-    """Without [auth.tokens] the daemon will not listen beyond loopback, and says why."""
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_a_public_address_is_refused_while_auth_is_not_enforced(
+    tmp_path: Path, with_tokens: bool
+) -> None:
+    """No non-loopback listen without --insecure: configured tokens are not enforced yet."""
+    config = tmp_path / "execwatch.toml"
+    config.write_text('[auth.tokens]\n"change-me-please" = "team-a"\n' if with_tokens else "")
     result = subprocess.run(
-        [*EXECWATCH, "serve", "--listen", "0.0.0.0:0", "--database", ":memory:"],
+        [
+            *EXECWATCH,
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--database",
+            ":memory:",
+            "--config",
+            str(config),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     assert 2 == result.returncode
-    assert "no [auth.tokens] are configured" in result.stderr
+    assert "no authentication is enforced yet" in result.stderr
     assert "--insecure" in result.stderr
+
+
+def test_a_busy_port_is_a_clear_error(daemon: Daemon) -> None:
+    """Listening where another daemon listens: exit 2, naming the address, no traceback."""
+    address = daemon.url.removeprefix("http://")
+    result = subprocess.run(
+        [*EXECWATCH, "serve", "--listen", address, "--database", ":memory:"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert 2 == result.returncode
+    assert f"cannot listen on {address}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_check_config_accepts_a_good_file(

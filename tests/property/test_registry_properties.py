@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,45 +13,59 @@ from monitor.config import build_settings
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import LIMIT_FIELDS, parse_event, to_wire
 from monitor.registry import Registry
+from monitor.server.ingest import Ingestor
 from monitor.states import BUILTIN_ALIASES, FINAL, ExecState, StateNames
+from monitor.store.memory import MemoryStore
 
 NAMES = StateNames()
 CANONICAL = {s.value for s in ExecState}
 SPELLINGS = sorted(CANONICAL | set(BUILTIN_ALIASES) | {a.upper() for a in BUILTIN_ALIASES})
 
 ids = st.sampled_from(["r1", "r2", "r3"])
-wire_events = st.one_of(
-    st.builds(
-        lambda i, s, agent, seq, eid, phase, progress: {
-            "type": "state",
-            "execution_id": i,
-            "state": s,
-            **({"agent": agent} if agent else {}),
-            **({"seq": seq} if seq is not None else {}),
-            **({"event_id": eid} if eid else {}),
-            **({"phase": phase} if phase else {}),
-            **({"progress": progress} if progress is not None else {}),
-        },
-        ids,
-        st.sampled_from(SPELLINGS),
-        st.sampled_from([None, "a"]),
-        st.none() | st.integers(0, 5),
-        st.none() | st.sampled_from(["e1", "e2", "e3"]),
-        st.none() | st.sampled_from(["thinking", "tool"]),
-        st.none() | st.integers(0, 3),
-    ),
-    st.builds(
-        lambda i, agent, seq: {
-            "type": "heartbeat",
-            "execution_id": i,
-            **({"agent": agent} if agent else {}),
-            **({"seq": seq} if seq is not None else {}),
-        },
-        ids,
-        st.sampled_from([None, "a"]),
-        st.none() | st.integers(0, 5),
-    ),
+details = st.fixed_dictionaries(
+    {},
+    optional={
+        "run_timeout_s": st.sampled_from([5.0, 60.0]),
+        "attributes": st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 3), max_size=2),
+        "pid": st.integers(1, 5),
+        "error": st.sampled_from(["boom", "bust"]),
+    },
 )
+state_events = st.builds(
+    lambda i, s, agent, seq, eid, phase, progress, detail: {
+        "type": "state",
+        "execution_id": i,
+        "state": s,
+        **({"agent": agent} if agent else {}),
+        **({"seq": seq} if seq is not None else {}),
+        **({"event_id": eid} if eid else {}),
+        **({"phase": phase} if phase else {}),
+        **({"progress": progress} if progress is not None else {}),
+        **detail,
+    },
+    ids,
+    st.sampled_from(SPELLINGS),
+    st.sampled_from([None, "a"]),
+    st.none() | st.integers(0, 5),
+    st.none() | st.sampled_from(["e1", "e2", "e3"]),
+    st.none() | st.sampled_from(["thinking", "tool"]),
+    st.none() | st.integers(0, 3),
+    details,
+)
+heartbeats = st.builds(
+    lambda i, agent, seq, detail: {
+        "type": "heartbeat",
+        "execution_id": i,
+        **({"agent": agent} if agent else {}),
+        **({"seq": seq} if seq is not None else {}),
+        **detail,
+    },
+    ids,
+    st.sampled_from([None, "a"]),
+    st.none() | st.integers(0, 5),
+    details,
+)
+wire_events = st.one_of(state_events, heartbeats)
 steps = st.lists(st.tuples(wire_events, st.floats(0, 100)), max_size=60)
 
 
@@ -163,3 +179,46 @@ def test_parse_and_serialise_round_trip(wire: dict[str, Any]) -> None:
     again = parse_event(to_wire(event), 1000.0, NAMES)
     assert event == again
     assert to_wire(event)["state"] in CANONICAL
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(wire_events, min_size=1, max_size=8), st.floats(0, 50)), max_size=12
+    )
+)
+def test_what_ingest_committed_replays_to_the_live_registry(
+    batches: list[tuple[list[dict[str, Any]], float]],
+) -> None:
+    """The store holds exactly what was acknowledged: replaying it rebuilds the registry."""
+
+    async def scenario() -> tuple[Registry, Registry]:
+        live = Registry(build_settings({}))
+        store = MemoryStore()
+        ingestor = Ingestor(live, store, NAMES)
+        now = 1000.0
+        for batch, dt in batches:
+            now += dt
+            await ingestor.ingest(orjson.dumps(batch), "application/json", now)
+        replayed = Registry(live.settings)
+        replayed.restore_all(await store.load())
+        return live, replayed
+
+    live, replayed = asyncio.run(scenario())
+
+    # Liveness facts are checkpointed, not committed per event: compare everything else.
+    liveness = {
+        "last_heartbeat_at",
+        "updated_at",
+        "last_progress_at",
+        "progress",
+        "rss_bytes",
+        "rss_samples",
+        "last_seq",
+        "serial",
+    }
+
+    def view(registry: Registry) -> list[dict[str, Any]]:
+        return [{k: v for k, v in ex.snapshot().items() if k not in liveness} for ex in registry]
+
+    assert view(live) == view(replayed)

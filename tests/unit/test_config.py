@@ -158,3 +158,31 @@ def test_short_tokens_are_refused() -> None:
     """A guessable token is a configuration error."""
     with pytest.raises(ConfigError, match="too short"):
         build_settings({"auth": {"tokens": {"abc": "team-a"}}})
+
+
+def test_alias_values_of_the_wrong_type_and_builtin_redefinitions_are_named() -> None:
+    """A list as a target and a redefined built-in alias are problems, not crashes."""
+    with pytest.raises(ConfigError) as caught:
+        build_settings({"aliases": {"weird": ["x"], "DONE": "failed"}})
+    assert [
+        "[aliases].weird = ['x']: expected one of pending, starting, running, paused, "
+        "completing, completed, failed, timeout, cancelled, dead",
+        "[aliases]: 'DONE' is already a built-in alias of 'completed' and cannot be redefined",
+    ] == list(caught.value.problems)
+
+
+def test_a_bad_environment_variable_is_named_as_such() -> None:
+    """A problem from the environment names the variable, not a key of some file."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            None,
+            {"EXECWATCH_LISTN": "x", "EXECWATCH_DEFAULTS__HEARTBEAT_TIMEOUT_S": "abc"},
+        )
+    problems = caught.value.problems
+    assert problems[0].startswith("EXECWATCH_DEFAULTS__HEARTBEAT_TIMEOUT_S='abc': ")
+    assert problems[1].startswith("EXECWATCH_LISTN='x': top level: unknown key 'listn'")
+
+
+def test_string_settings_from_the_environment_stay_strings() -> None:
+    """EXECWATCH_DATABASE=2024 is a file called 2024, not a number."""
+    assert "2024" == load_settings(None, {"EXECWATCH_DATABASE": "2024"}).database

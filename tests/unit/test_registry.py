@@ -10,6 +10,7 @@ from monitor.config import build_settings
 from monitor.errors import (
     DuplicateEvent,
     EventError,
+    EvictedExecution,
     FinalState,
     InvalidTransition,
     StaleSeq,
@@ -326,3 +327,68 @@ def test_effective_limits_come_from_event_then_agent_then_defaults() -> None:
     ex = registry.get("default", "r")
     assert ex is not None
     assert {"heartbeat_timeout_s": 5.0, "run_timeout_s": 300.0} == ex.to_dict(settings)["limits"]
+
+
+def test_an_evicted_execution_stays_final() -> None:
+    """Rule 6 outlives retention: a late event for an evicted execution is 409, not new."""
+    world = World(max_finished=1)
+    world.send(state_event("old", "completed", agent="a"))
+    world.send(state_event("new", "completed", agent="a"))
+    assert [("default", "old")] == world.registry.evict(world.clock())
+    for late in (state_event("old", "failed", agent="a"), heartbeat("old", agent="a")):
+        with pytest.raises(EvictedExecution) as caught:
+            world.send(late)
+        assert (409, "final_state") == (caught.value.status, caught.value.reason)
+    assert world.registry.get("default", "old") is None
+
+
+def test_history_never_runs_backwards() -> None:
+    """A transition dated before the current state is clamped to it: no negative durations."""
+    world = World()
+    world.send(state_event("r", "pending", agent="a", ts=1000.0))
+    world.send(state_event("r", "running", ts=2000.0))
+    world.send(state_event("r", "completed", ts=500.0))
+    ex = world.registry.get("default", "r")
+    assert ex is not None
+    assert [1000.0, 2000.0, 2000.0] == [t.at for t in ex.history]
+
+
+def test_a_phase_ends_with_its_state(world: World) -> None:
+    """Phase is detail inside one state: a new state without a phase has none."""
+    world.send(state_event("r", "recovering", agent="a"))
+    world.send(state_event("r", "completed"))
+    ex = world.registry.get("default", "r")
+    assert ex is not None
+    assert (S.COMPLETED, None) == (ex.state, ex.phase)
+
+
+def test_a_heartbeat_revives_into_the_state_it_died_in(world: World) -> None:
+    """Even after a phase-only event while dead, revival returns to the pre-death state."""
+    world.send(state_event("r", "completing", agent="a"))
+    world.send(state_event("r", "dead"))
+    world.send(state_event("r", "dead", phase="x"))
+    transition = world.send(heartbeat("r"))
+    assert transition is not None
+    assert (S.DEAD, S.COMPLETING) == (transition.old, transition.new)
+
+
+def test_death_and_revival_cycles_keep_the_eviction_queue_bounded() -> None:
+    """Stale eviction entries are compacted, so endless flapping cannot grow memory."""
+    world = World(finished_s=86400)
+    world.send(state_event("r", "running", agent="a"))
+    for _ in range(10_000):
+        world.send(state_event("r", "dead"))
+        world.send(heartbeat("r"))
+    assert 0 == world.registry.finished_count
+    assert len(world.registry._finished) <= 2 * world.registry.finished_count + 65
+
+
+def test_changes_are_owed_until_taken_and_given_back_on_failure(world: World) -> None:
+    """Every acknowledged change is in the dirty set until a commit takes it."""
+    world.send(state_event("r", "running", agent="a"))
+    dirty, evicted = world.registry.take_changes()
+    assert ([("default", "r")], []) == (list(dirty), evicted)
+    assert world.send(heartbeat("r", progress=2)) is None
+    assert {} == world.registry.dirty  # a liveness-only heartbeat owes no commit
+    world.registry.return_changes(dirty, evicted)
+    assert [("default", "r")] == list(world.registry.dirty)
