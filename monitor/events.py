@@ -393,7 +393,7 @@ def parse_event(
             raise EventError(
                 "state",
                 f"unknown state {_show(raw_state)}; canonical states: {_STATE_LIST} "
-                "(aliases are accepted, see the README)",
+                "(aliases such as queued, in_progress, done, error and aborted are accepted too)",
                 "unknown_state",
             )
         values[_STATE_SLOT], values[_PHASE_SLOT] = resolved
