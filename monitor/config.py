@@ -88,6 +88,20 @@ class RetentionSettings:
     """Evicted execution keys remembered, so a late event for one is refused, not re-registered."""
 
 
+@dataclass(frozen=True, slots=True)
+class DetectorSettings:
+    """How the detector loop runs (daemon-wide)."""
+
+    interval_s: float = 0.05
+    """The longest the loop sleeps; it wakes earlier for the next deadline."""
+    blind_lag_s: float = 1.0
+    """A loop that woke this late was blind: every execution gets a fresh heartbeat grace."""
+    memory_sample_interval_s: float = 5.0
+    """How often executions that gave a pid have their RSS sampled."""
+    memory_samples_max: int = 1000
+    """Processes sampled at most per interval (round robin), bounding the cost."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the daemon is configured with; built by load_settings, never mutated."""
@@ -101,6 +115,7 @@ class Settings:
     agents: Mapping[str, Limits] = field(default_factory=lambda: MappingProxyType({}))
     breaker: BreakerSettings = BreakerSettings()
     retention: RetentionSettings = RetentionSettings()
+    detectors: DetectorSettings = DetectorSettings()
     tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     aliases: Mapping[str, ExecState] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -192,7 +207,13 @@ SCALAR_KEYS: Mapping[str, Check] = {
     "max_body_bytes": _integer(1024),
     "max_batch_events": _integer(1),
 }
-TABLE_KEYS = ("defaults", "agents", "breaker", "retention", "auth", "aliases")
+DETECTOR_KEYS: Mapping[str, Check] = {
+    "interval_s": _number(0.0, maximum=10.0),
+    "blind_lag_s": _SECONDS,
+    "memory_sample_interval_s": _SECONDS,
+    "memory_samples_max": _integer(0),
+}
+TABLE_KEYS = ("defaults", "agents", "breaker", "retention", "detectors", "auth", "aliases")
 _FLOAT_KEYS = frozenset({"memory_soft_fraction", "failure_rate_threshold"})
 
 
@@ -280,6 +301,10 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
     values["breaker"] = BreakerSettings(**breaker)
     values["retention"] = RetentionSettings(
         **_table(_sub(raw, "retention", problems), "[retention]", RETENTION_KEYS, problems)
+    )
+
+    values["detectors"] = DetectorSettings(
+        **_table(_sub(raw, "detectors", problems), "[detectors]", DETECTOR_KEYS, problems)
     )
 
     auth = _sub(raw, "auth", problems)

@@ -91,7 +91,7 @@ class FindingChange:
 _PLAIN = (
     "tenant", "execution_id", "agent", "phase", "parent_id", "created_at", "state_since",
     "updated_at", "registered_at", "last_heartbeat_at", "last_progress_at", "running_at",
-    "paused_at", "paused_s", "run_paused_s", "memory_limit_bytes", "pid", "rss_bytes",
+    "paused_at", "paused_s", "run_paused_s", "memory_limit_bytes", "pid", "pid_at", "rss_bytes",
     "progress", "error", "traceparent", "last_seq", "finished_at", "died_from",
     "cancel_reason", "breaker_trial", "over_soft_since", "over_hard_since",
 )  # fmt: skip
@@ -156,6 +156,8 @@ class Execution:
         self.limits: dict[str, float] = {}
         self.memory_limit_bytes: int | None = None
         self.pid: int | None = None
+        self.pid_at: float | None = None
+        """Daemon clock when `pid` was reported: a process created after it is not this one."""
         self.rss_bytes: int | None = None
         self.rss_samples: deque[tuple[float, int]] = deque(maxlen=16)
         self.over_soft_since: float | None = None

@@ -156,7 +156,7 @@ class Registry:
         )  # fmt: skip
         self._executions[key] = ex
         self._absorb(ex, event, now)
-        self._absorb_detail(ex, event)
+        self._absorb_detail(ex, event, now)
         ex.phase = event.phase
         if state in _RUN_CLOCK:
             ex.running_at = now
@@ -199,7 +199,7 @@ class Registry:
 
         self._absorb(ex, event, now)
         if event.detail:
-            self._absorb_detail(ex, event)
+            self._absorb_detail(ex, event, now)
             self.dirty[ex.key] = ex
         # Liveness facts alone (heartbeat times, seq, progress, rss) are checkpointed,
         # not committed per event: they change on every heartbeat.
@@ -234,14 +234,15 @@ class Registry:
             ex.rss_samples.append((now, event.rss_bytes))
 
     @staticmethod
-    def _absorb_detail(ex: Execution, event: Event) -> None:
+    def _absorb_detail(ex: Execution, event: Event, now: float) -> None:
         """Copy the rest: limits, identity and context fields (rarer, and worth a commit)."""
         if event.limits:
             ex.limits.update(event.limits)
         if event.memory_limit_bytes is not None:
             ex.memory_limit_bytes = event.memory_limit_bytes
-        if event.pid is not None:
+        if event.pid is not None and event.pid != ex.pid:
             ex.pid = event.pid
+            ex.pid_at = now
         if event.parent_id is not None:
             ex.parent_id = event.parent_id
         if event.error is not None:

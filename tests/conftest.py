@@ -31,8 +31,16 @@ def make_client(aiohttp_client: Any, clock: FakeClock) -> ClientFactory:
         *,
         store: Store | None = None,
         sinks: Sequence[Sink] = (),
+        run_detectors: bool = False,
     ) -> TestClient[Any, Any]:
-        app = make_app(build_settings(config or {}), store=store, clock=clock, sinks=sinks)
+        """Without the detector loop unless asked: tests tick it themselves, on `clock`."""
+        app = make_app(
+            build_settings(config or {}),
+            store=store,
+            clock=clock,
+            sinks=sinks,
+            run_detectors=run_detectors,
+        )
         client: TestClient[Any, Any] = await aiohttp_client(app)
         return client
 

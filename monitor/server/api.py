@@ -14,9 +14,9 @@ from monitor.errors import Rejection
 from monitor.events import DEFAULT_TENANT, Kind
 from monitor.registry import counts_by_agent
 from monitor.server.ingest import StoreUnavailable
-from monitor.server.keys import CLOCK, HEALTH, INGESTOR, REGISTRY, SETTINGS
+from monitor.server.keys import CLOCK, DETECTORS, HEALTH, INGESTOR, REGISTRY, SETTINGS
 from monitor.server.openapi import document
-from monitor.states import LIVE, ExecState
+from monitor.states import FINAL, LIVE, ExecState
 
 log = structlog.get_logger("execwatch.api")
 
@@ -173,22 +173,79 @@ async def get_execution(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    """GET /v1/agents: per-agent counts by state."""
+    """GET /v1/agents: per-agent counts by state, and each agent's breaker."""
     _check_params(request, ("tenant",))
-    registry = request.app[REGISTRY]
+    registry, detectors = request.app[REGISTRY], request.app[DETECTORS]
+    now = request.app[CLOCK]()
     tenant = request.query.get("tenant")
     executions = [ex for ex in registry if tenant is None or ex.tenant == tenant]
+    counts = counts_by_agent(executions)
+    for owner, agent in detectors.breakers:  # an agent whose executions were all evicted
+        if tenant is None or owner == tenant:
+            counts.setdefault((owner, agent), {})
     agents: list[dict[str, Any]] = []
-    for (owner, agent), counts in sorted(counts_by_agent(executions).items()):
+    for (owner, agent), per_state in sorted(counts.items()):
         agents.append(
             {
                 "tenant": owner,
                 "agent": agent,
-                "live": sum(n for state, n in counts.items() if state in LIVE),
-                "executions": {s.value: counts.get(s, 0) for s in ExecState},
+                "live": sum(n for state, n in per_state.items() if state in LIVE),
+                "executions": {s.value: per_state.get(s, 0) for s in ExecState},
+                "breaker": detectors.breaker(owner, agent).to_dict(now),
             }
         )
     return respond({"agents": agents})
+
+
+async def get_breaker(request: web.Request) -> web.Response:
+    """GET /v1/breakers/{agent}?tenant=: may a new execution of this agent start?"""
+    _check_params(request, ("tenant",))
+    tenant = request.query.get("tenant", DEFAULT_TENANT)
+    breaker = request.app[DETECTORS].breaker(tenant, request.match_info["agent"])
+    return respond(breaker.to_dict(request.app[CLOCK]()))
+
+
+async def list_findings(request: web.Request) -> web.Response:
+    """GET /v1/findings?tenant=&agent=&finding=: the active detector findings."""
+    _check_params(request, ("tenant", "agent", "finding"))
+    query = request.query
+    tenant, agent, name = query.get("tenant"), query.get("agent"), query.get("finding")
+    findings = [
+        {"execution_id": f.execution_id, "tenant": f.tenant, "agent": f.agent, **f.to_dict()}
+        for f in request.app[REGISTRY].findings.values()
+        if (tenant is None or f.tenant == tenant)
+        and (agent is None or f.agent == agent)
+        and (name is None or f.finding == name)
+    ]
+    findings.sort(key=lambda f: (f["since"], f["execution_id"]))
+    return respond({"findings": findings})
+
+
+async def cancel_execution(request: web.Request) -> web.Response:
+    """POST /v1/executions/{execution_id}/cancel?tenant=: ask the execution to stop.
+
+    Its next answers carry a cancel directive; the SDK acts on it.
+    """
+    _check_params(request, ("tenant",))
+    execution_id = request.match_info["execution_id"]
+    tenant = request.query.get("tenant", DEFAULT_TENANT)
+    registry = request.app[REGISTRY]
+    ex = registry.get(tenant, execution_id)
+    if ex is None:
+        raise web.HTTPNotFound(text=f"execution {execution_id!r} (tenant {tenant!r}) is not known")
+    if ex.state in FINAL:
+        raise web.HTTPConflict(
+            text=f"execution {execution_id!r} already ended in final state '{ex.state}'; "
+            "there is nothing to cancel"
+        )
+    registry.request_cancel(ex, "cancel_requested")
+    try:
+        await request.app[INGESTOR].commit()
+    except StoreUnavailable:
+        return error(503, "the store could not commit the request; retry", {"Retry-After": "1"})
+    return respond(
+        {"execution_id": execution_id, "action": "cancel", "reason": "cancel_requested"}, 202
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -213,7 +270,7 @@ async def landing(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     links = "".join(
         f'<li><a href="{path}">{path}</a></li>'
-        for path in ("/v1/executions", "/v1/agents", "/openapi.json", "/readyz")
+        for path in ("/v1/executions", "/v1/agents", "/v1/findings", "/openapi.json", "/readyz")
     )
     html = (
         f"<!doctype html><html><head><title>execwatch</title></head><body>"

@@ -10,10 +10,10 @@ from typing import Any
 
 import structlog
 
+from monitor.detectors.engine import Detectors, Record
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import EventType, decode_body, parse_event
 from monitor.model import Key
-from monitor.registry import Record, Registry
 from monitor.states import StateNames
 from monitor.store import Changes, Store
 
@@ -68,13 +68,14 @@ class Ingestor:
 
     def __init__(
         self,
-        registry: Registry,
+        detectors: Detectors,
         store: Store,
         names: StateNames,
         sinks: Sequence[Sink] = (),
         max_batch_events: int = 10000,
     ) -> None:
-        self.registry = registry
+        self.detectors = detectors
+        self.registry = detectors.registry
         self.store = store
         self.names = names
         self.sinks = list(sinks)
@@ -97,7 +98,7 @@ class Ingestor:
                 "(max_batch_events) are taken in one request: split the batch"
             )
         registry, names, stats = self.registry, self.names, self.stats
-        apply, stopping = registry.apply, registry.stopping
+        apply, stopping = self.detectors.apply, registry.stopping
         accepted = heartbeats = invalid = duplicates = 0
         rejected: list[dict[str, Any]] = []
         named: dict[Key, None] = {}
@@ -166,9 +167,9 @@ class Ingestor:
         """Make every owed change durable, then hand `records` and the registry's side
         records to every sink. Nothing is acknowledged before this returns."""
         registry = self.registry
-        if registry.outbox:
-            records = [*records, *registry.outbox]
-            registry.outbox.clear()
+        side = self.detectors.drain()
+        if side:
+            records = [*records, *side]
         try:
             if registry.dirty or registry.evicted:
                 dirty, evicted = registry.take_changes()

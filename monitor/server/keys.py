@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from monitor.config import Settings
+from monitor.detectors.engine import Detectors
 from monitor.registry import Registry
 from monitor.server.ingest import Ingestor
 from monitor.store import Store
@@ -27,3 +29,5 @@ Clock = Callable[[], float]
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 HEALTH = web.AppKey("health", Health)
 INGESTOR = web.AppKey("ingestor", Ingestor)
+DETECTORS = web.AppKey("detectors", Detectors)
+TERMINATOR: web.AppKey[Any] = web.AppKey("terminator")  # scheduler.Terminator (imports keys)

@@ -121,8 +121,36 @@ EXECUTION = {
         "error": {},
         "attributes": {"type": "object"},
         "traceparent": _NULLABLE_STR,
-        "findings": {"type": "array", "items": {"type": "object"}},
+        "cancel_requested": {"type": "boolean"},
+        "findings": {"type": "array", "items": _ref("Finding")},
         "history": {"type": "array", "items": _ref("Transition")},
+    },
+}
+
+FINDING = {
+    "type": "object",
+    "required": ["kind", "since", "detail"],
+    "properties": {
+        "kind": {"enum": ["stalled", "memory_high", "memory_exceeded", "memory_trend"]},
+        "since": {"type": "number"},
+        "detail": {"type": "string"},
+        "execution_id": {"type": "string"},
+        "tenant": {"type": "string"},
+        "agent": {"type": "string"},
+    },
+}
+
+BREAKER = {
+    "type": "object",
+    "required": ["state", "allow", "failure_rate", "retry_after_s"],
+    "properties": {
+        "tenant": {"type": "string"},
+        "agent": {"type": "string"},
+        "state": {"enum": ["closed", "open", "half_open"]},
+        "allow": {"type": "boolean", "description": "whether a new execution may start now"},
+        "failure_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "retry_after_s": {"type": "number", "minimum": 0},
+        "calls": {"type": "integer", "description": "outcomes in the sliding window"},
     },
 }
 
@@ -249,9 +277,62 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": {"200": _json(_ref("Execution"), "The execution"), "404": _ERROR},
         }
     },
+    "/v1/executions/{execution_id}/cancel": {
+        "post": {
+            "summary": "Ask an execution to stop",
+            "description": "Every later answer about the execution carries a cancel directive.",
+            "parameters": [
+                {"name": "execution_id", "in": "path", "required": True, "schema": _ID},
+                _TENANT_QUERY,
+            ],
+            "responses": {
+                "202": _json(
+                    {"type": "object", "required": ["execution_id", "action", "reason"]},
+                    "Cancellation requested",
+                ),
+                "404": _ERROR,
+                "409": _ERROR,
+                "503": _ERROR,
+            },
+        }
+    },
+    "/v1/breakers/{agent}": {
+        "get": {
+            "summary": "An agent's circuit breaker: may a new execution start?",
+            "parameters": [
+                {"name": "agent", "in": "path", "required": True, "schema": _NAME},
+                _TENANT_QUERY,
+            ],
+            "responses": {"200": _json(_ref("Breaker"), "The breaker")},
+        }
+    },
+    "/v1/findings": {
+        "get": {
+            "summary": "Active detector findings",
+            "parameters": [
+                _TENANT_QUERY,
+                _query("agent", {"type": "string"}, "agent name"),
+                _query(
+                    "finding",
+                    {"type": "string"},
+                    "stalled, memory_high, memory_exceeded, memory_trend",
+                ),
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["findings"],
+                        "properties": {"findings": {"type": "array", "items": _ref("Finding")}},
+                    },
+                    "Findings",
+                )
+            },
+        }
+    },
     "/v1/agents": {
         "get": {
-            "summary": "Per-agent counts by state",
+            "summary": "Per-agent counts by state, and each agent's breaker",
             "parameters": [_TENANT_QUERY],
             "responses": {
                 "200": _json(
@@ -306,6 +387,8 @@ def document() -> dict[str, Any]:
                 "Execution": EXECUTION,
                 "Transition": _TRANSITION,
                 "IngestResult": INGEST_RESULT,
+                "Finding": FINDING,
+                "Breaker": BREAKER,
                 "Error": {
                     "type": "object",
                     "required": ["error", "status"],

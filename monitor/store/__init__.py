@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from monitor.detectors.engine import Record
 from monitor.model import Execution, Key
-from monitor.registry import Record
 
 Snapshot = dict[str, Any]
 """An execution as Execution.snapshot() writes it and Registry.restore() reads it."""

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitor.config import build_settings
+from monitor.detectors.engine import Detectors
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import LIMIT_FIELDS, parse_event, to_wire
 from monitor.registry import Registry
@@ -195,7 +196,7 @@ def test_what_ingest_committed_replays_to_the_live_registry(
     async def scenario() -> tuple[Registry, Registry]:
         live = Registry(build_settings({}))
         store = MemoryStore()
-        ingestor = Ingestor(live, store, NAMES)
+        ingestor = Ingestor(Detectors(live, live.settings), store, NAMES)
         now = 1000.0
         for batch, dt in batches:
             now += dt

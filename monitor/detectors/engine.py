@@ -1,0 +1,309 @@
+"""The detectors: a deadline heap over the registry, tick(now) sweeps what fell due. Pure.
+
+Ingest goes through Detectors.apply(), which applies the event to the registry and
+keeps the detectors' bookkeeping (deadlines, breaker admission and outcomes, memory
+observations). tick(now) pops only the deadlines that fell due: its cost follows
+what is due, not how many executions are live. Entries are never updated in place:
+a deadline that moved later is found out when popped (recomputed from the facts)
+and pushed again; one that moved earlier gets a new entry, and the old one is
+recognised as stale by the per-execution `clocks` bookkeeping.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+from monitor.config import Settings
+from monitor.detectors.breaker import Breaker, BreakerState, BreakerTransition
+from monitor.detectors.clocks import CLOCKS, SCHEDULED_ON_CHANGE, TIMEOUTS
+from monitor.detectors.memory import growth_rate, human_bytes, seconds_to_limit
+from monitor.events import Event
+from monitor.model import Execution, FindingChange, Key, Transition, limit_of
+from monitor.registry import Registry
+from monitor.states import LIVE, TERMINAL, ExecState
+
+Record = Transition | FindingChange | BreakerTransition
+"""Everything the detectors and the registry produce, in the order it happened."""
+
+_FAILURES = frozenset({ExecState.FAILED, ExecState.TIMEOUT, ExecState.DEAD})
+_CLOSED = BreakerState.CLOSED
+_HALF_OPEN = BreakerState.HALF_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate:
+    """Policy `terminate`: SIGTERM to `pid`, then SIGKILL after `grace_s` if it lives on."""
+
+    tenant: str
+    execution_id: str
+    pid: int
+    grace_s: float
+    pid_seen_at: float
+    """When the execution reported this pid: a process created later is not its own."""
+
+
+@dataclass(slots=True)
+class TickResult:
+    """What one sweep found."""
+
+    records: list[Record] = field(default_factory=list)
+    actions: list[Terminate] = field(default_factory=list)
+    failures: list[tuple[str, Exception]] = field(default_factory=list)
+    """Detectors that raised, by clock: logged by the loop and skipped."""
+    due: int = 0
+    """Heap entries popped."""
+
+
+class Detectors:
+    """Deadlines, memory and circuit breakers over one registry."""
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._heap: list[tuple[float, int, Key, str]] = []
+        self._order = itertools.count()
+        self.breakers: dict[tuple[str, str], Breaker] = {}
+        self._breaker_heap: list[tuple[float, int, tuple[str, str]]] = []
+        self.outbox: list[Record] = []
+        """Breaker transitions made on the ingest path, drained with the registry's."""
+        self.sighted_since = float("-inf")
+        """Liveness clocks never start before this: the end of the daemon's own blindness."""
+        self.not_permitted: Counter[tuple[str, str]] = Counter()
+        """Executions registered while their agent's breaker refused them, by (tenant, agent)."""
+        self.failures: Counter[str] = Counter()
+        self.last_tick_at: float | None = None
+        self.loop_lag_s = 0.0
+        """How late the detector loop last woke (measured by the server's loop)."""
+        self.blind_spells = 0
+
+    # ---- ingest path ---------------------------------------------------------------------
+
+    def apply(self, event: Event, now: float) -> Transition | None:
+        """registry.apply(), then the detectors' bookkeeping for what it changed."""
+        transition = self.registry.apply(event, now)
+        if transition is not None:
+            self.observe(transition, now)
+        if event.rss_bytes is not None or event.detail:
+            ex = self.registry.get(event.tenant, event.execution_id)
+            if ex is not None:
+                if event.detail:
+                    self._schedule(ex)  # limits may have moved a deadline earlier
+                if ex.rss_bytes is not None:
+                    self._memory(ex, now)
+        return transition
+
+    def observe(self, transition: Transition, now: float) -> None:
+        """Breaker admission and outcomes, and the clocks, after a transition."""
+        ex = self.registry.get(transition.tenant, transition.execution_id)
+        if ex is None:
+            return
+        new, old = transition.new, transition.old
+        if old is None and new not in TERMINAL:
+            breaker = self.breakers.get((ex.tenant, ex.agent))
+            if breaker is not None and breaker.state is not _CLOSED:
+                if breaker.admit():
+                    ex.breaker_trial = breaker.state is _HALF_OPEN
+                else:
+                    self.not_permitted[(ex.tenant, ex.agent)] += 1
+                    self.registry.request_cancel(ex, "circuit_open")
+        if (
+            new in TERMINAL
+            and (old is None or old in LIVE)
+            and new is not ExecState.CANCELLED
+            and ex.cancel_reason != "circuit_open"  # refused by the breaker: it never ran
+        ):
+            self._outcome(ex, new in _FAILURES, now)
+        if new in LIVE:
+            self._schedule(ex)
+
+    def observe_rss(self, ex: Execution, rss: int, now: float) -> None:
+        """A memory sample taken by the daemon itself (psutil on the execution's pid)."""
+        ex.rss_bytes = rss
+        ex.rss_samples.append((now, rss))
+        self._memory(ex, now)
+
+    # ---- the sweep -----------------------------------------------------------------------
+
+    def tick(self, now: float) -> TickResult:
+        """One sweep: fire every deadline that fell due by `now`, move breakers on time."""
+        result = TickResult()
+        heap, executions = self._heap, self.registry
+        while heap and heap[0][0] <= now:
+            due, _, key, clock = heapq.heappop(heap)
+            result.due += 1
+            ex = executions.get(*key)
+            if ex is None or ex.clocks.get(clock) != due:
+                continue  # evicted, or superseded by an earlier entry
+            del ex.clocks[clock]
+            try:
+                self._fire(ex, clock, now, result)
+            except Exception as exc:  # one broken detector must not stop the others
+                self.failures[clock] += 1
+                result.failures.append((clock, exc))
+        breaker_heap = self._breaker_heap
+        while breaker_heap and breaker_heap[0][0] <= now:
+            _, _, bkey = heapq.heappop(breaker_heap)
+            moved = self.breakers[bkey].tick(now)
+            if moved is not None:
+                result.records.append(moved)
+        result.records.extend(self.drain())
+        self.last_tick_at = now
+        return result
+
+    def next_due(self) -> float | None:
+        """When the earliest queued deadline falls due (it may be stale: a look costs O(1))."""
+        times = [h[0][0] for h in (self._heap, self._breaker_heap) if h]
+        return min(times) if times else None
+
+    def drain(self) -> list[Record]:
+        """Take the side records waiting in the registry and here, oldest first."""
+        records: list[Record] = [*self.registry.outbox, *self.outbox]
+        self.registry.outbox.clear()
+        self.outbox.clear()
+        return records
+
+    # ---- blindness -----------------------------------------------------------------------
+
+    def regain_sight(self, now: float) -> None:
+        """The daemon could not see until `now` (start-up, or its loop stalled): every
+        execution gets a fresh heartbeat_timeout_s (and stall_timeout_s) from here."""
+        self.sighted_since = now
+        self.blind_spells += 1
+
+    def schedule_all(self) -> None:
+        """Queue the clocks of every execution (after a replay from the store)."""
+        for ex in self.registry:
+            if ex.state in LIVE:
+                self._schedule(ex)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _push(self, ex: Execution, clock: str, deadline: float) -> None:
+        current = ex.clocks.get(clock)
+        if current is None or deadline < current:
+            ex.clocks[clock] = deadline
+            heapq.heappush(self._heap, (deadline, next(self._order), ex.key, clock))
+
+    def _schedule(self, ex: Execution) -> None:
+        settings, sighted = self.settings, self.sighted_since
+        for clock in SCHEDULED_ON_CHANGE:
+            deadline = CLOCKS[clock](ex, settings, sighted)
+            if deadline is not None:
+                self._push(ex, clock, deadline)
+
+    def _fire(self, ex: Execution, clock: str, now: float, result: TickResult) -> None:
+        deadline = CLOCKS[clock](ex, self.settings, self.sighted_since)
+        if deadline is None:
+            return  # the clock stopped (paused, ended, limit removed)
+        if deadline > now:
+            self._push(ex, clock, deadline)  # it moved later (a heartbeat, progress)
+            return
+        registry = self.registry
+        if clock in TIMEOUTS or clock == "heartbeat":
+            target = ExecState.DEAD if clock == "heartbeat" else ExecState.TIMEOUT
+            transition = registry.expire(ex, target, clock, deadline, now)
+            result.records.append(transition)
+            self.observe(transition, now)
+        elif clock == "stalled":
+            limit = limit_of(ex, "stall_timeout_s", self.settings)
+            if "stalled" not in ex.findings:
+                registry.raise_finding(
+                    ex, "stalled", deadline, f"no progress, phase or state change for {limit:g}s "
+                    "while it keeps reporting", now,
+                )  # fmt: skip
+            self._push(ex, "stalled", now + limit)  # look again: progress clears it
+        elif clock == "memory_high":
+            limit = limit_of(ex, "memory_limit_bytes", self.settings)
+            registry.raise_finding(
+                ex, "memory_high", deadline,
+                f"RSS {human_bytes(ex.rss_bytes or 0)} over the soft limit "
+                f"({human_bytes(self._soft_limit(ex, limit))}) for "
+                f"{self.settings.limits_for(ex.agent).memory_hold_s:g}s", now,
+            )  # fmt: skip
+        elif clock == "memory_exceeded":
+            self._memory_exceeded(ex, deadline, now, result)
+
+    def _memory_exceeded(
+        self, ex: Execution, deadline: float, now: float, result: TickResult
+    ) -> None:
+        agent = self.settings.limits_for(ex.agent)
+        limit = limit_of(ex, "memory_limit_bytes", self.settings)
+        detail = (
+            f"RSS {human_bytes(ex.rss_bytes or 0)} over the limit ({human_bytes(limit)}) "
+            f"for {agent.memory_hold_s:g}s"
+        )
+        policy = agent.memory_policy
+        if policy == "observe" or (policy == "terminate" and ex.pid is None):
+            self.registry.raise_finding(ex, "memory_exceeded", deadline, detail, now)
+            return
+        if policy == "terminate":
+            assert ex.pid is not None
+            assert ex.pid_at is not None
+            result.actions.append(
+                Terminate(ex.tenant, ex.execution_id, ex.pid, agent.terminate_grace_s or 0.0,
+                          ex.pid_at)
+            )  # fmt: skip
+        ex.error = ex.error or {"type": "memory_exceeded", "message": detail}
+        transition = self.registry.expire(ex, ExecState.FAILED, "memory_exceeded", deadline, now)
+        result.records.append(transition)
+        self.observe(transition, now)
+
+    def _soft_limit(self, ex: Execution, limit: float) -> float:
+        return limit * (self.settings.limits_for(ex.agent).memory_soft_fraction or 1.0)
+
+    def _memory(self, ex: Execution, now: float) -> None:
+        """Re-judge memory after a new RSS observation."""
+        rss = ex.rss_bytes
+        limit = limit_of(ex, "memory_limit_bytes", self.settings)
+        if rss is None or limit is None or ex.state not in LIVE:
+            return
+        registry = self.registry
+        if rss > limit:
+            if ex.over_hard_since is None:
+                ex.over_hard_since = now
+                self._push(ex, "memory_exceeded", now + self._hold(ex))
+        elif ex.over_hard_since is not None:
+            ex.over_hard_since = None
+            ex.clocks.pop("memory_exceeded", None)
+            registry.clear_finding(ex, "memory_exceeded", now)
+        if rss > self._soft_limit(ex, limit):
+            if ex.over_soft_since is None:
+                ex.over_soft_since = now
+                self._push(ex, "memory_high", now + self._hold(ex))
+        elif ex.over_soft_since is not None:
+            ex.over_soft_since = None
+            ex.clocks.pop("memory_high", None)
+            registry.clear_finding(ex, "memory_high", now)
+        horizon = self.settings.limits_for(ex.agent).memory_trend_horizon_s
+        rate = growth_rate(ex.rss_samples)
+        eta = seconds_to_limit(rss, limit, rate)
+        if eta is not None and horizon is not None and eta <= horizon:
+            registry.raise_finding(
+                ex, "memory_trend", now,
+                f"RSS grows {human_bytes(rate or 0)}/s and will cross the limit "
+                f"({human_bytes(limit)}) in about {eta:.0f}s", now,
+            )  # fmt: skip
+        elif "memory_trend" in ex.findings:
+            registry.clear_finding(ex, "memory_trend", now)
+
+    def _hold(self, ex: Execution) -> float:
+        return self.settings.limits_for(ex.agent).memory_hold_s or 0.0
+
+    def _outcome(self, ex: Execution, failed: bool, now: float) -> None:
+        bkey = (ex.tenant, ex.agent)
+        breaker = self.breakers.get(bkey)
+        if breaker is None:
+            breaker = self.breakers[bkey] = Breaker(ex.tenant, ex.agent, self.settings.breaker)
+        moved = breaker.record(failed, now, ex.breaker_trial)
+        if moved is not None:
+            self.outbox.append(moved)
+            due = breaker.due_at
+            if due is not None:
+                heapq.heappush(self._breaker_heap, (due, next(self._order), bkey))
+
+    def breaker(self, tenant: str, agent: str) -> Breaker:
+        """The breaker of (tenant, agent); a closed one if it has seen nothing yet."""
+        return self.breakers.get((tenant, agent)) or Breaker(tenant, agent, self.settings.breaker)

@@ -1,0 +1,122 @@
+"""The detectors over HTTP (test client, fake clock, ticks driven by the test): directives,
+cancel, findings, breakers and agents."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from monitor.server.keys import DETECTORS, INGESTOR
+from monitor.testing import FakeClock, RecordingSink, heartbeat, state_event
+from tests.conftest import ClientFactory
+from tests.integration.test_api import Client, get, post
+
+
+async def tick(client: Client, clock: FakeClock, seconds: float) -> None:
+    """Advance the fake clock and run one sweep exactly as the daemon's loop does."""
+    clock.advance(seconds)
+    result = client.app[DETECTORS].tick(clock())
+    await client.app[INGESTOR].commit(result.records)
+
+
+async def test_a_timed_out_execution_is_told_to_cancel_on_its_next_event(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Timeout is final: the late event is 409, and the answer carries the directive."""
+    client = await make_client()
+    await post(client, state_event("r", "running", agent="a", run_timeout_s=5))
+    await tick(client, clock, 6)
+    answer = await post(client, heartbeat("r"), 409)
+    assert [{"execution_id": "r", "action": "cancel", "reason": "run_timeout"}] == answer[
+        "directives"
+    ]
+    execution = await get(client, "/v1/executions/r")
+    assert ("timeout", "run_timeout") == (execution["state"], execution["history"][-1]["reason"])
+
+
+async def test_cancel_requests_reach_the_execution_until_it_stops(
+    make_client: ClientFactory,
+) -> None:
+    """POST .../cancel is 202; every later answer carries the directive until it ends."""
+    client = await make_client()
+    await post(client, state_event("r", "running", agent="a"))
+    response = await client.post("/v1/executions/r/cancel")
+    assert 202 == response.status
+    assert {"execution_id": "r", "action": "cancel", "reason": "cancel_requested"} == (
+        await response.json()
+    )
+    answer = await post(client, [heartbeat("r"), heartbeat("r")])
+    assert [{"execution_id": "r", "action": "cancel", "reason": "cancel_requested"}] == answer[
+        "directives"
+    ]
+    assert (await get(client, "/v1/executions/r"))["cancel_requested"]
+    assert [] == (await post(client, state_event("r", "cancelled")))["directives"]
+    assert 409 == (await client.post("/v1/executions/r/cancel")).status
+    assert 404 == (await client.post("/v1/executions/nobody/cancel")).status
+
+
+async def test_findings_are_listed_and_shown_on_their_execution(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """GET /v1/findings and the execution's own findings agree; progress clears them."""
+    sink = RecordingSink()
+    client = await make_client({"defaults": {"stall_timeout_s": 5}}, sinks=[sink])
+    await post(client, state_event("r", "running", agent="a", progress=1))
+    await tick(client, clock, 5.5)
+    listed = (await get(client, "/v1/findings"))["findings"]
+    assert [("r", "a", "stalled")] == [(f["execution_id"], f["agent"], f["kind"]) for f in listed]
+    assert ["stalled"] == [f["kind"] for f in (await get(client, "/v1/executions/r"))["findings"]]
+    await post(client, heartbeat("r", progress=2))
+    assert [] == (await get(client, "/v1/findings"))["findings"]
+    assert [("stalled", True), ("stalled", False)] == [
+        (r.finding, r.raised) for r in sink.records if hasattr(r, "finding")
+    ]
+
+
+async def test_a_breaker_refuses_new_executions_and_says_when_to_retry(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Open breaker: GET says allow false with retry_after_s; a new execution is told to cancel."""
+    config: dict[str, Any] = {"breaker": {"minimum_calls": 2, "wait_in_open_s": 30}}
+    client = await make_client(config)
+    for i in range(2):
+        await post(
+            client,
+            [
+                state_event(f"r{i}", "running", agent="a"),
+                state_event(f"r{i}", "failed", error="boom"),
+            ],
+        )
+    breaker = await get(client, "/v1/breakers/a")
+    assert ("open", False, 1.0, 30.0) == (
+        breaker["state"],
+        breaker["allow"],
+        breaker["failure_rate"],
+        breaker["retry_after_s"],
+    )
+    answer = await post(client, state_event("r9", "queued", agent="a"))
+    assert [{"execution_id": "r9", "action": "cancel", "reason": "circuit_open"}] == answer[
+        "directives"
+    ]
+    await tick(client, clock, 30)
+    assert "half_open" == (await get(client, "/v1/breakers/a"))["state"]
+    agents = (await get(client, "/v1/agents"))["agents"]
+    assert [("a", "half_open")] == [(a["agent"], a["breaker"]["state"]) for a in agents]
+    fresh = await get(client, "/v1/breakers/never-seen")
+    assert ("closed", True) == (fresh["state"], fresh["allow"])
+
+
+async def test_the_detector_loop_runs_in_the_app(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """With its loop on, the app detects on its own (the loop ticks on the app's clock)."""
+    client = await make_client({"defaults": {"heartbeat_timeout_s": 1}}, run_detectors=True)
+    await post(client, state_event("r", "running", agent="a"))
+    clock.advance(2)
+    for _ in range(500):  # the loop wakes at least every 50 ms of real time
+        if (await get(client, "/v1/executions/r"))["state"] == "dead":
+            break
+        await asyncio.sleep(0.01)
+    assert "dead" == (await get(client, "/v1/executions/r"))["state"]
+    assert 0 == sum(client.app[DETECTORS].failures.values())
+    assert clock() == client.app[DETECTORS].last_tick_at

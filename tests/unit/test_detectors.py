@@ -1,0 +1,418 @@
+"""Detectors on a fake clock: each fires at its deadline and not before, back-dated, and
+clears, pauses and revives as DESIGN.md says. tick() is called directly; nothing sleeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from monitor.config import build_settings
+from monitor.detectors.breaker import BreakerTransition
+from monitor.detectors.engine import Detectors, TickResult
+from monitor.events import parse_event
+from monitor.model import Execution, FindingChange, Transition
+from monitor.registry import Registry
+from monitor.states import ExecState, StateNames
+from monitor.testing import FakeClock, heartbeat, state_event
+
+S = ExecState
+NAMES = StateNames()
+
+
+class World:
+    """A registry and its detectors, driven by wire events on a fake clock."""
+
+    def __init__(self, **config: Any) -> None:
+        self.clock = FakeClock()
+        self.settings = build_settings(config)
+        self.registry = Registry(self.settings)
+        self.detectors = Detectors(self.registry, self.settings)
+
+    def send(self, obj: dict[str, Any]) -> Transition | None:
+        return self.detectors.apply(parse_event(obj, self.clock(), NAMES), self.clock())
+
+    def at(self, seconds: float) -> TickResult:
+        """Advance by `seconds` and tick."""
+        self.clock.advance(seconds)
+        return self.detectors.tick(self.clock())
+
+    def ex(self, execution_id: str = "r") -> Execution:
+        found = self.registry.get("default", execution_id)
+        assert found is not None
+        return found
+
+
+def transitions(result: TickResult) -> list[tuple[str, ExecState | None, ExecState, str | None]]:
+    return [
+        (r.execution_id, r.old, r.new, r.reason)
+        for r in result.records
+        if isinstance(r, Transition)
+    ]
+
+
+def findings(result: TickResult) -> list[tuple[str, str, bool]]:
+    return [
+        (r.execution_id, r.finding, r.raised)
+        for r in result.records
+        if isinstance(r, FindingChange)
+    ]
+
+
+# ---- heartbeat (dead) ----------------------------------------------------------------------
+
+
+def test_dead_fires_at_the_heartbeat_deadline_and_not_before() -> None:
+    """heartbeat_timeout_s after the last heartbeat, the execution is dead, back-dated."""
+    world = World(defaults={"heartbeat_timeout_s": 10})
+    world.send(state_event("r", "running", agent="a"))
+    world.at(5)
+    world.send(heartbeat("r"))
+    start = world.clock()
+    assert [] == transitions(world.at(9.9))
+    result = world.at(0.35)
+    assert [("r", S.RUNNING, S.DEAD, "heartbeat")] == transitions(result)
+    dead = result.records[0]
+    assert isinstance(dead, Transition)
+    assert start + 10 == dead.at  # back-dated to the deadline
+    assert dead.detected_at is not None
+    assert pytest.approx(0.25) == dead.detected_at - dead.at  # the detection lag
+    assert "heartbeat" == world.registry.stopping[("default", "r")]
+
+
+def test_a_pending_execution_has_no_heartbeat_clock() -> None:
+    """Queued work does not heartbeat: only start_timeout_s watches it."""
+    world = World(defaults={"heartbeat_timeout_s": 1})
+    world.send(state_event("r", "queued", agent="a"))
+    assert [] == transitions(world.at(100))
+    assert S.PENDING == world.ex().state
+
+
+def test_a_dead_execution_revives_on_proof_of_life() -> None:
+    """A heartbeat after death is a revival: back to running, counted, directive withdrawn."""
+    world = World(defaults={"heartbeat_timeout_s": 1})
+    world.send(state_event("r", "running", agent="a"))
+    world.at(2)
+    transition = world.send(heartbeat("r"))
+    assert transition is not None
+    assert (S.DEAD, S.RUNNING, True) == (transition.old, transition.new, transition.revived)
+    assert ("default", "r") not in world.registry.stopping
+    assert [("r", S.RUNNING, S.DEAD, "heartbeat")] == transitions(world.at(1.5))
+
+
+# ---- the timeout taxonomy ------------------------------------------------------------------
+
+
+def test_start_timeout_fires_when_running_is_never_reached() -> None:
+    """First event -> running, else timeout with reason start_timeout."""
+    world = World(defaults={"start_timeout_s": 5})
+    world.send(state_event("late", "queued", agent="a"))
+    world.send(state_event("ok", "queued", agent="a"))
+    world.at(3)
+    world.send(state_event("ok", "running"))
+    assert [] == transitions(world.at(1.9))
+    assert [("late", S.PENDING, S.TIMEOUT, "start_timeout")] == transitions(world.at(0.2))
+
+
+def test_run_timeout_counts_from_entering_running_without_paused_time() -> None:
+    """run_timeout_s starts at running; time spent paused does not count."""
+    world = World(defaults={"heartbeat_timeout_s": 1000})
+    world.send(state_event("r", "queued", agent="a", run_timeout_s=10))
+    world.at(50)  # queue time is not run time
+    world.send(state_event("r", "running"))
+    world.at(4)
+    world.send(state_event("r", "paused"))
+    world.at(100)  # paused: no clocks
+    world.send(state_event("r", "running"))
+    assert [] == transitions(world.at(5.9))
+    result = world.at(0.2)
+    assert [("r", S.RUNNING, S.TIMEOUT, "run_timeout")] == transitions(result)
+
+
+def test_total_timeout_counts_from_the_first_event() -> None:
+    """timeout_s is the whole deadline, queue time included."""
+    world = World(defaults={"heartbeat_timeout_s": 1000})
+    world.send(state_event("r", "queued", agent="a", timeout_s=10))
+    world.at(6)
+    world.send(state_event("r", "running"))
+    assert [] == transitions(world.at(3.9))
+    assert [("r", S.RUNNING, S.TIMEOUT, "total_timeout")] == transitions(world.at(0.2))
+
+
+def test_paused_executions_have_no_clocks() -> None:
+    """Nothing fires while paused, however long; clocks resume afterwards."""
+    world = World(defaults={"heartbeat_timeout_s": 1, "stall_timeout_s": 1, "timeout_s": 5})
+    world.send(state_event("r", "running", agent="a"))
+    world.send(state_event("r", "suspended"))
+    assert [] == transitions(world.at(1000)) + findings(world.at(1000))
+    world.send(state_event("r", "running"))
+    assert [("r", S.RUNNING, S.DEAD, "heartbeat")] == transitions(world.at(1.1))
+
+
+def test_limits_resolve_execution_then_agent_then_defaults() -> None:
+    """Per execution, else [agents.NAME], else [defaults]."""
+    world = World(defaults={"heartbeat_timeout_s": 30}, agents={"fast": {"heartbeat_timeout_s": 2}})
+    world.send(state_event("own", "running", agent="fast", heartbeat_timeout_s=1))
+    world.send(state_event("agent", "running", agent="fast"))
+    world.send(state_event("default", "running", agent="slow"))
+    assert ["own"] == [t[0] for t in transitions(world.at(1.5))]
+    assert ["agent"] == [t[0] for t in transitions(world.at(1))]
+    assert ["default"] == [t[0] for t in transitions(world.at(28))]
+
+
+def test_a_lowered_limit_moves_the_deadline_earlier() -> None:
+    """A later event that shortens a limit is obeyed at once, not at the old deadline."""
+    world = World(defaults={"heartbeat_timeout_s": 1000})
+    world.send(state_event("r", "running", agent="a", run_timeout_s=100))
+    world.send(state_event("r", "running", run_timeout_s=5))
+    assert [("r", S.RUNNING, S.TIMEOUT, "run_timeout")] == transitions(world.at(5.1))
+
+
+def test_the_earliest_clock_wins() -> None:
+    """When two clocks expire in one sweep, the earlier deadline decides the state."""
+    world = World(defaults={"heartbeat_timeout_s": 10, "run_timeout_s": 8})
+    world.send(state_event("r", "running", agent="a"))
+    assert [("r", S.RUNNING, S.TIMEOUT, "run_timeout")] == transitions(world.at(20))
+
+
+# ---- stall ---------------------------------------------------------------------------------
+
+
+def test_stalled_is_raised_while_heartbeats_come_and_cleared_by_progress() -> None:
+    """Alive but not advancing: a finding (not a state), cleared by progress, raised again."""
+    world = World(defaults={"heartbeat_timeout_s": 5, "stall_timeout_s": 10})
+    world.send(state_event("r", "running", agent="a", progress=1))
+    for _ in range(4):
+        world.at(2.4)
+        world.send(heartbeat("r", progress=1))
+    raised = world.at(0.5)  # 10.1 s without change
+    assert [("r", "stalled", True)] == findings(raised)
+    change = raised.records[0]
+    assert isinstance(change, FindingChange)
+    assert world.ex().registered_at + 10 == change.since
+    assert S.RUNNING == world.ex().state
+    world.send(heartbeat("r", progress=2))
+    assert [("r", "stalled", False)] == [
+        (f.execution_id, f.finding, f.raised)
+        for f in world.detectors.drain()
+        if isinstance(f, FindingChange)
+    ]
+    for _ in range(4):
+        world.at(2.4)
+        world.send(heartbeat("r", phase="tool"))  # a phase change is progress too
+    assert [] == findings(world.at(0.5))
+
+
+# ---- blindness -----------------------------------------------------------------------------
+
+
+def test_after_blindness_every_execution_gets_a_fresh_heartbeat_grace() -> None:
+    """The daemon's own outage must not kill the fleet; detection resumes after the grace."""
+    world = World(defaults={"heartbeat_timeout_s": 10})
+    world.send(state_event("r", "running", agent="a"))
+    world.clock.advance(60)  # the daemon was down (or its loop stalled) for a minute
+    world.detectors.regain_sight(world.clock())
+    assert [] == transitions(world.detectors.tick(world.clock()))
+    assert [] == transitions(world.at(9.9))
+    result = world.at(0.2)
+    assert [("r", S.RUNNING, S.DEAD, "heartbeat")] == transitions(result)
+
+
+# ---- the sweep -----------------------------------------------------------------------------
+
+
+def test_a_sweep_pops_only_what_fell_due() -> None:
+    """Thousands of live executions, one due: the tick looks at one entry."""
+    world = World(defaults={"heartbeat_timeout_s": 100})
+    for i in range(2000):
+        world.send(state_event(f"r{i}", "running", agent="a"))
+    world.send(state_event("soon", "running", agent="a", heartbeat_timeout_s=1))
+    result = world.at(2)
+    assert (1, [("soon", S.RUNNING, S.DEAD, "heartbeat")]) == (result.due, transitions(result))
+    assert 0 == world.at(1).due
+
+
+def test_a_detector_that_raises_is_skipped_and_the_rest_still_fire() -> None:
+    """One broken clock (corrupt data) is counted; the sweep goes on."""
+    world = World(defaults={"heartbeat_timeout_s": 5})
+    world.send(state_event("broken", "running", agent="a", stall_timeout_s=1))
+    world.send(state_event("fine", "running", agent="a"))
+    world.ex("broken").limits["stall_timeout_s"] = "soon"  # type: ignore[assignment]
+    result = world.at(6)
+    assert ["stalled"] == [name for name, _ in result.failures]
+    assert 1 == world.detectors.failures["stalled"]
+    assert {"broken", "fine"} == {t[0] for t in transitions(result)}
+
+
+# ---- memory --------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def memory_world(policy: str) -> World:
+    return World(
+        defaults={"heartbeat_timeout_s": 1000, "memory_hold_s": 2, "memory_soft_fraction": 0.5,
+                  "memory_trend_horizon_s": 60},
+        agents={"a": {"memory_limit_bytes": 100 * MIB, "memory_policy": policy}},
+    )  # fmt: skip
+
+
+def test_memory_findings_need_the_hold_time_and_clear_when_rss_drops() -> None:
+    """Over soft for memory_hold_s: memory_high; over hard: memory_exceeded (observe)."""
+    world = memory_world("observe")
+    world.send(state_event("r", "running", agent="a", rss_bytes=10 * MIB))
+    world.send(heartbeat("r", rss_bytes=60 * MIB))
+    assert [] == findings(world.at(1.9))
+    assert [("r", "memory_high", True)] == findings(world.at(0.2))
+    world.send(heartbeat("r", rss_bytes=120 * MIB))
+    assert [] == findings(world.at(1.9))
+    assert [("r", "memory_exceeded", True)] == findings(world.at(0.2))
+    assert S.RUNNING == world.ex().state  # observe only reports
+    world.send(heartbeat("r", rss_bytes=20 * MIB))
+    assert [("r", "memory_exceeded", False), ("r", "memory_high", False)] == [
+        (f.execution_id, f.finding, f.raised)
+        for f in world.detectors.drain()
+        if isinstance(f, FindingChange)
+    ]
+
+
+def test_a_brief_spike_is_not_a_finding() -> None:
+    """Dropping below the limit within the hold time resets it."""
+    world = memory_world("observe")
+    world.send(state_event("r", "running", agent="a", rss_bytes=120 * MIB))
+    world.at(1)
+    world.send(heartbeat("r", rss_bytes=10 * MIB))
+    assert [] == findings(world.at(5))
+
+
+def test_policy_fail_ends_the_execution() -> None:
+    """memory_policy = fail: state failed, reason memory_exceeded, and a cancel directive."""
+    world = memory_world("fail")
+    world.send(state_event("r", "running", agent="a", rss_bytes=120 * MIB))
+    assert [("r", S.RUNNING, S.FAILED, "memory_exceeded")] == transitions(world.at(2.1))
+    assert "memory_exceeded" == world.registry.stopping[("default", "r")]
+
+
+def test_policy_terminate_asks_to_signal_only_the_executions_pid() -> None:
+    """memory_policy = terminate: a Terminate action for the reported pid, and failed."""
+    world = memory_world("terminate")
+    world.send(state_event("r", "running", agent="a", pid=4242, rss_bytes=120 * MIB))
+    result = world.at(2.1)
+    assert [(4242, 10.0)] == [(a.pid, a.grace_s) for a in result.actions]
+    assert [("r", S.RUNNING, S.FAILED, "memory_exceeded")] == transitions(result)
+
+
+def test_a_growth_trend_is_reported_before_the_limit() -> None:
+    """RSS growing toward the limit within the horizon: memory_trend, early."""
+    world = memory_world("observe")
+    world.send(state_event("r", "running", agent="a", rss_bytes=10 * MIB))
+    for step in range(1, 6):
+        world.clock.advance(1)
+        world.send(heartbeat("r", rss_bytes=(10 + step) * MIB))  # +1 MiB/s: ~85 s to go
+    assert [] == [f for f in world.detectors.drain() if isinstance(f, FindingChange)]
+    for step in range(6, 11):
+        world.clock.advance(1)
+        world.send(heartbeat("r", rss_bytes=(10 + step * 5) * MIB))
+    raised = [f for f in world.detectors.drain() if isinstance(f, FindingChange)]
+    assert "memory_trend" in [f.finding for f in raised if f.raised]
+
+
+# ---- circuit breaker -----------------------------------------------------------------------
+
+
+def breaker_world() -> World:
+    return World(
+        defaults={"heartbeat_timeout_s": 1000},
+        breaker={"failure_rate_threshold": 0.5, "minimum_calls": 4, "window_size": 10,
+                 "wait_in_open_s": 30, "permitted_calls_in_half_open": 2},
+    )  # fmt: skip
+
+
+def breaker_moves(records: list[Any]) -> list[tuple[str, str]]:
+    return [(r.old, r.new) for r in records if isinstance(r, BreakerTransition)]
+
+
+def finish(world: World, execution_id: str, state: str) -> None:
+    world.send(state_event(execution_id, "running", agent="a"))
+    world.send(state_event(execution_id, state))
+
+
+def test_the_breaker_opens_at_the_threshold_after_minimum_calls() -> None:
+    """closed -> open once minimum_calls outcomes fail at >= failure_rate_threshold."""
+    world = breaker_world()
+    finish(world, "r0", "completed")
+    finish(world, "r1", "failed")
+    finish(world, "r2", "cancelled")  # ignored
+    finish(world, "r3", "failed")
+    assert [] == breaker_moves(world.detectors.drain())
+    finish(world, "r4", "completed")  # 4 calls, 2 failed: 0.5
+    assert [("closed", "open")] == breaker_moves(world.detectors.drain())
+    breaker = world.detectors.breaker("default", "a")
+    assert (False, 30.0) == (breaker.allows(), breaker.retry_after_s(world.clock()))
+
+
+def test_the_breaker_half_opens_on_time_closes_on_good_trials() -> None:
+    """open -> half_open at wait_in_open_s by tick (back-dated), then closed by trials."""
+    world = breaker_world()
+    for i in range(4):
+        finish(world, f"r{i}", "failed")
+    world.detectors.drain()
+    opened_at = world.clock()
+    result = world.at(30.5)
+    assert [("open", "half_open")] == breaker_moves(result.records)
+    moved = next(r for r in result.records if isinstance(r, BreakerTransition))
+    assert opened_at + 30 == moved.at
+    world.send(state_event("t1", "running", agent="a"))
+    world.send(state_event("t2", "running", agent="a"))
+    world.send(state_event("refused", "running", agent="a"))
+    assert "circuit_open" == world.registry.stopping[("default", "refused")]
+    assert 1 == world.detectors.not_permitted[("default", "a")]
+    world.send(state_event("t1", "completed"))
+    world.send(state_event("t2", "completed"))
+    assert [("half_open", "closed")] == breaker_moves(world.detectors.drain())
+
+
+def test_failed_trials_reopen_the_breaker() -> None:
+    """half_open -> open when the trials fail as often as the threshold."""
+    world = breaker_world()
+    for i in range(4):
+        finish(world, f"r{i}", "timeout")
+    world.at(31)
+    world.detectors.drain()
+    finish(world, "t1", "failed")
+    finish(world, "t2", "completed")
+    assert [("half_open", "open")] == breaker_moves(world.detectors.drain())
+
+
+def test_a_dead_or_timed_out_execution_counts_as_a_failure() -> None:
+    """Detector outcomes feed the breaker like reported ones."""
+    world = breaker_world()
+    for i in range(4):
+        world.send(state_event(f"r{i}", "running", agent="a", heartbeat_timeout_s=1))
+    result = world.at(2)
+    assert [("closed", "open")] == breaker_moves(result.records)
+
+
+def test_a_time_window_forgets_old_outcomes() -> None:
+    """window_s: outcomes older than the window no longer count."""
+    world = World(breaker={"minimum_calls": 3, "window_s": 60, "failure_rate_threshold": 0.5})
+    finish(world, "r0", "failed")
+    finish(world, "r1", "failed")
+    world.at(61)
+    finish(world, "r2", "failed")
+    assert [] == breaker_moves(world.detectors.drain())
+    assert 1 == world.detectors.breaker("default", "a").to_dict(world.clock())["calls"]
+
+
+# ---- cancel --------------------------------------------------------------------------------
+
+
+def test_a_cancel_request_stands_until_the_execution_stops() -> None:
+    """The directive is owed until the execution reports a terminal state."""
+    world = World()
+    world.send(state_event("r", "running", agent="a"))
+    world.registry.request_cancel(world.ex(), "cancel_requested")
+    world.send(heartbeat("r"))
+    assert "cancel_requested" == world.registry.stopping[("default", "r")]
+    world.send(state_event("r", "cancelled"))
+    assert ("default", "r") not in world.registry.stopping
