@@ -26,6 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/detection.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

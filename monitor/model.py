@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from monitor.config import Settings
 from monitor.events import LIMIT_FIELDS, Kind, Scalar
@@ -14,9 +13,11 @@ Key = tuple[str, str]
 """(tenant, execution_id): execution ids are unique within a tenant."""
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One change of an execution's state (or, with old == new, of its phase)."""
+class Transition(NamedTuple):
+    """One change of an execution's state (or, with old == new, of its phase).
+
+    A NamedTuple like Event: immutable, and ~4x cheaper to build than a frozen dataclass,
+    which a sweep that ends 10k executions at once feels (measured)."""
 
     tenant: str
     execution_id: str
@@ -62,8 +63,7 @@ class Transition:
         ]
 
 
-@dataclass(frozen=True, slots=True)
-class FindingChange:
+class FindingChange(NamedTuple):
     """A detector finding raised on (or cleared from) an execution."""
 
     tenant: str
@@ -112,6 +112,7 @@ class Execution:
         "finish_token",
         "findings",
         "history",
+        "key",
         "kind",
         "limits",
         "rss_samples",
@@ -133,6 +134,8 @@ class Execution:
     ) -> None:
         self.tenant = tenant
         self.execution_id = execution_id
+        self.key: Key = (tenant, execution_id)
+        """(tenant, execution_id), built once: it is read on every hot path."""
         self.agent = agent
         self.kind = kind
         self.state = state
@@ -181,10 +184,6 @@ class Execution:
         """Detector bookkeeping: the earliest deadline queued per clock."""
         self.serial = serial
         self.history: deque[Transition] = deque(maxlen=history)
-
-    @property
-    def key(self) -> Key:
-        return (self.tenant, self.execution_id)
 
     def to_dict(self, settings: Settings) -> dict[str, Any]:
         """The execution as the API shows it, with its effective limits and active findings."""

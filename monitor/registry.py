@@ -82,6 +82,9 @@ class Registry:
     def get(self, tenant: str, execution_id: str) -> Execution | None:
         return self._executions.get((tenant, execution_id))
 
+    def by_key(self, key: Key) -> Execution | None:
+        return self._executions.get(key)
+
     def select(
         self,
         *,
@@ -265,7 +268,6 @@ class Registry:
         """A detector ends `ex` (timeout, dead, failed), back-dated to the deadline `at`."""
         transition = self._move(ex, target, at, now, reason, detected_at=now)
         self.stopping[ex.key] = reason
-        self.dirty[ex.key] = ex
         return transition
 
     def raise_finding(
@@ -323,44 +325,50 @@ class Registry:
         ex.state = target
         ex.state_since = at
         ex.history.append(transition)
-        self._progressed(ex, now)
+        key = ex.key
         if old is _PAUSED and ex.paused_at is not None:
             ex.paused_s += now - ex.paused_at
             ex.paused_at = None
-        if target is _PAUSED:
-            ex.paused_at = now
-        elif target in _RUN_CLOCK and ex.running_at is None:
-            ex.running_at = now
-            ex.run_paused_s = ex.paused_s
         if revived:
-            ex.finished_at = None
-            ex.died_from = None
-            self.finished_count -= 1
-            if ex.cancel_reason is None:
-                self.stopping.pop(ex.key, None)
-            else:
-                self.stopping[ex.key] = ex.cancel_reason
+            self._unfinish(ex)
         if target in TERMINAL:
             if target is _DEAD:
                 ex.died_from = old
             elif reason is None and ex.cancel_reason is not None:
-                self.stopping.pop(ex.key, None)  # it stopped as asked
-            for finding in list(ex.findings):
-                self.clear_finding(ex, finding, now)
+                self.stopping.pop(key, None)  # it stopped as asked
+            if ex.findings:
+                for finding in list(ex.findings):
+                    self.clear_finding(ex, finding, now)
             self._finish(ex, now)
-        self.dirty[ex.key] = ex
+        else:
+            self._progressed(ex, now)
+            if target is _PAUSED:
+                ex.paused_at = now
+            elif target in _RUN_CLOCK and ex.running_at is None:
+                ex.running_at = now
+                ex.run_paused_s = ex.paused_s
+        self.dirty[key] = ex
         return transition
+
+    def _unfinish(self, ex: Execution) -> None:
+        """A dead execution showed proof of life: it is no longer finished."""
+        ex.finished_at = None
+        ex.died_from = None
+        self.finished_count -= 1
+        if ex.cancel_reason is None:
+            self.stopping.pop(ex.key, None)
+        else:
+            self.stopping[ex.key] = ex.cancel_reason
 
     def _finish(self, ex: Execution, now: float) -> None:
         ex.finished_at = now
         self._finish_tokens += 1
         ex.finish_token = self._finish_tokens
         self.finished_count += 1
-        finished = self._finished
-        finished.append((now, ex.finish_token, ex.key))
+        self._finished.append((now, ex.finish_token, ex.key))
         # Entries go stale when an execution is revived; drop them before they pile up.
-        if len(finished) > 2 * self.finished_count + 64:
-            self._finished = deque(entry for entry in finished if self._is_current(entry))
+        if len(self._finished) > 2 * self.finished_count + 64:
+            self._finished = deque(e for e in self._finished if self._is_current(e))
 
     def _is_current(self, entry: tuple[float, int, Key]) -> bool:
         _, token, key = entry

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from monitor.config import BreakerSettings
 
@@ -17,8 +17,7 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerTransition:
+class BreakerTransition(NamedTuple):
     """A breaker changed state; produced like any execution transition."""
 
     tenant: str
@@ -29,6 +28,13 @@ class BreakerTransition:
     """When it happened; for open -> half_open, the moment the wait ended."""
     failure_rate: float
     detected_at: float
+
+
+# Module constants: enum attribute lookups cost ~0.3 us each on Python 3.11, and a sweep
+# that ends 10k executions at once records 10k outcomes.
+_CLOSED = BreakerState.CLOSED
+_OPEN = BreakerState.OPEN
+_HALF_OPEN = BreakerState.HALF_OPEN
 
 
 class Breaker:
@@ -43,6 +49,7 @@ class Breaker:
     __slots__ = (
         "agent",
         "failure_rate",
+        "failures",
         "opened_at",
         "settings",
         "state",
@@ -56,11 +63,13 @@ class Breaker:
         self.tenant = tenant
         self.agent = agent
         self.settings = settings
-        self.state = BreakerState.CLOSED
+        self.state = _CLOSED
         self.window: deque[tuple[float, bool]] = deque(
             maxlen=None if settings.window_s is not None else settings.window_size
         )
         self.failure_rate = 0.0
+        self.failures = 0
+        """Failures in the window, kept as outcomes come and go (no sum per outcome)."""
         self.opened_at: float | None = None
         self.trials_admitted = 0
         self.trial_outcomes: list[bool] = []
@@ -68,7 +77,7 @@ class Breaker:
     @property
     def due_at(self) -> float | None:
         """When an open breaker moves to half_open; None in the other states."""
-        if self.state is BreakerState.OPEN and self.opened_at is not None:
+        if self.state is _OPEN and self.opened_at is not None:
             return self.opened_at + self.settings.wait_in_open_s
         return None
 
@@ -81,9 +90,9 @@ class Breaker:
 
     def allows(self) -> bool:
         """Whether a new execution would be permitted now."""
-        if self.state is BreakerState.CLOSED:
+        if self.state is _CLOSED:
             return True
-        if self.state is BreakerState.HALF_OPEN:
+        if self.state is _HALF_OPEN:
             return self.trials_admitted < self.settings.permitted_calls_in_half_open
         return False
 
@@ -91,7 +100,7 @@ class Breaker:
         """A new execution asks to start: True if permitted (half_open counts the trial)."""
         if not self.allows():
             return False
-        if self.state is BreakerState.HALF_OPEN:
+        if self.state is _HALF_OPEN:
             self.trials_admitted += 1
         return True
 
@@ -102,7 +111,7 @@ class Breaker:
         started while the breaker was closed says nothing about whether it recovered.
         """
         settings = self.settings
-        if self.state is BreakerState.HALF_OPEN:
+        if self.state is _HALF_OPEN:
             if not trial:
                 return None
             self.trial_outcomes.append(failed)
@@ -111,17 +120,23 @@ class Breaker:
             rate = sum(self.trial_outcomes) / len(self.trial_outcomes)
             self.failure_rate = rate
             if rate >= settings.failure_rate_threshold:
-                return self._move(BreakerState.OPEN, now, now)
+                return self._move(_OPEN, now, now)
             self.window.clear()
-            return self._move(BreakerState.CLOSED, now, now)
-        if self.state is BreakerState.OPEN:
+            self.failures = 0
+            return self._move(_CLOSED, now, now)
+        if self.state is _OPEN:
             return None  # executions admitted before it opened: not evidence either way
-        self.window.append((now, failed))
-        self._expire(now)
-        calls = len(self.window)
-        self.failure_rate = sum(f for _, f in self.window) / calls
+        window = self.window
+        if len(window) == window.maxlen:
+            self.failures -= window[0][1]  # about to fall out of the count-based window
+        window.append((now, failed))
+        self.failures += failed
+        if settings.window_s is not None:
+            self._expire(now)
+        calls = len(window)
+        self.failure_rate = self.failures / calls
         if calls >= settings.minimum_calls and self.failure_rate >= settings.failure_rate_threshold:
-            return self._move(BreakerState.OPEN, now, now)
+            return self._move(_OPEN, now, now)
         return None
 
     def tick(self, now: float) -> BreakerTransition | None:
@@ -129,26 +144,24 @@ class Breaker:
         due = self.due_at
         if due is None or due > now:
             return None
-        return self._move(BreakerState.HALF_OPEN, due, now)
+        return self._move(_HALF_OPEN, due, now)
 
     def rate(self, now: float) -> float:
         """The failure rate over the window as it stands at `now`."""
-        if self.state is BreakerState.CLOSED and self.settings.window_s is not None:
+        if self.state is _CLOSED and self.settings.window_s is not None:
             self._expire(now)
-            self.failure_rate = (
-                sum(f for _, f in self.window) / len(self.window) if self.window else 0.0
-            )
+            self.failure_rate = self.failures / len(self.window) if self.window else 0.0
         return self.failure_rate
 
     def _expire(self, now: float) -> None:
         window_s = self.settings.window_s
         if window_s is not None:
             while self.window and self.window[0][0] <= now - window_s:
-                self.window.popleft()
+                self.failures -= self.window.popleft()[1]
 
     def _move(self, new: BreakerState, at: float, now: float) -> BreakerTransition:
         old, self.state = self.state, new
-        if new is BreakerState.OPEN:
+        if new is _OPEN:
             self.opened_at = at
         else:
             self.opened_at = None

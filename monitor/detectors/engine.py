@@ -31,6 +31,9 @@ Record = Transition | FindingChange | BreakerTransition
 _FAILURES = frozenset({ExecState.FAILED, ExecState.TIMEOUT, ExecState.DEAD})
 _CLOSED = BreakerState.CLOSED
 _HALF_OPEN = BreakerState.HALF_OPEN
+_CANCELLED = ExecState.CANCELLED
+_DEAD = ExecState.DEAD
+_TIMEOUT = ExecState.TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class TickResult:
     """Detectors that raised, by clock: logged by the loop and skipped."""
     due: int = 0
     """Heap entries popped."""
+    more: bool = False
+    """The budget ran out with entries still due: tick again (with a fresh `now`)."""
 
 
 class Detectors:
@@ -85,7 +90,9 @@ class Detectors:
         """registry.apply(), then the detectors' bookkeeping for what it changed."""
         transition = self.registry.apply(event, now)
         if transition is not None:
-            self.observe(transition, now)
+            ex = self.registry.by_key(transition.key)
+            if ex is not None:
+                self._observe(ex, transition, now)
         if event.rss_bytes is not None or event.detail:
             ex = self.registry.get(event.tenant, event.execution_id)
             if ex is not None:
@@ -98,8 +105,10 @@ class Detectors:
     def observe(self, transition: Transition, now: float) -> None:
         """Breaker admission and outcomes, and the clocks, after a transition."""
         ex = self.registry.get(transition.tenant, transition.execution_id)
-        if ex is None:
-            return
+        if ex is not None:
+            self._observe(ex, transition, now)
+
+    def _observe(self, ex: Execution, transition: Transition, now: float) -> None:
         new, old = transition.new, transition.old
         if old is None and new not in TERMINAL:
             breaker = self.breakers.get((ex.tenant, ex.agent))
@@ -112,7 +121,7 @@ class Detectors:
         if (
             new in TERMINAL
             and (old is None or old in LIVE)
-            and new is not ExecState.CANCELLED
+            and new is not _CANCELLED
             and ex.cancel_reason != "circuit_open"  # refused by the breaker: it never ran
         ):
             self._outcome(ex, new in _FAILURES, now)
@@ -127,14 +136,19 @@ class Detectors:
 
     # ---- the sweep -----------------------------------------------------------------------
 
-    def tick(self, now: float) -> TickResult:
-        """One sweep: fire every deadline that fell due by `now`, move breakers on time."""
+    def tick(self, now: float, budget: int | None = None) -> TickResult:
+        """One sweep: fire the deadlines that fell due by `now` (at most `budget` of them),
+        move breakers on time. A caller with many due ticks again with a fresh `now`, so
+        each detection's `detected_at` stays true when thousands fall due at once."""
         result = TickResult()
-        heap, executions = self._heap, self.registry
+        heap, lookup = self._heap, self.registry.by_key
         while heap and heap[0][0] <= now:
+            if budget is not None and result.due >= budget:
+                result.more = True
+                break
             due, _, key, clock = heapq.heappop(heap)
             result.due += 1
-            ex = executions.get(*key)
+            ex = lookup(key)
             if ex is None or ex.clocks.get(clock) != due:
                 continue  # evicted, or superseded by an earlier entry
             del ex.clocks[clock]
@@ -203,10 +217,11 @@ class Detectors:
             return
         registry = self.registry
         if clock in TIMEOUTS or clock == "heartbeat":
-            target = ExecState.DEAD if clock == "heartbeat" else ExecState.TIMEOUT
+            target = _DEAD if clock == "heartbeat" else _TIMEOUT
             transition = registry.expire(ex, target, clock, deadline, now)
             result.records.append(transition)
-            self.observe(transition, now)
+            if ex.cancel_reason != "circuit_open":  # the rest of _observe for live -> terminal
+                self._outcome(ex, True, now)
         elif clock == "stalled":
             limit = limit_of(ex, "stall_timeout_s", self.settings)
             if "stalled" not in ex.findings:
@@ -249,7 +264,7 @@ class Detectors:
         ex.error = ex.error or {"type": "memory_exceeded", "message": detail}
         transition = self.registry.expire(ex, ExecState.FAILED, "memory_exceeded", deadline, now)
         result.records.append(transition)
-        self.observe(transition, now)
+        self._observe(ex, transition, now)
 
     def _soft_limit(self, ex: Execution, limit: float) -> float:
         return limit * (self.settings.limits_for(ex.agent).memory_soft_fraction or 1.0)

@@ -25,10 +25,10 @@ from monitor.server.keys import (
     TERMINATOR,
     Health,
 )
-from monitor.server.scheduler import Terminator, detector_tasks
+from monitor.server.scheduler import Terminator, detector_tasks, freeze_long_lived
 from monitor.states import StateNames
 from monitor.store import Store
-from monitor.store.memory import MemoryStore
+from monitor.store.memory import NullStore
 
 log = structlog.get_logger("execwatch.server")
 
@@ -72,7 +72,7 @@ def make_app(
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[api.json_errors])
     registry = Registry(settings)
     detectors = Detectors(registry, settings)
-    store = store if store is not None else MemoryStore()
+    store = store if store is not None else NullStore()
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[DETECTORS] = detectors
@@ -98,6 +98,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     restored = registry.restore_all(await store.load())
     detectors.regain_sight(app[CLOCK]())
     detectors.schedule_all()
+    freeze_long_lived()
     health.ready = True
     log.info("store_replayed", executions=restored)
     yield

@@ -25,3 +25,19 @@ class MemoryStore:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class NullStore:
+    """Keeps nothing: `database = ":memory:"`, and the daemon until a durable store exists.
+
+    Commits cost nothing, so detections and acknowledgements never wait on copies that
+    no one will read."""
+
+    async def load(self) -> list[Snapshot]:
+        return []
+
+    async def commit(self, changes: Changes) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

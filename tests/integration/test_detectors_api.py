@@ -4,6 +4,7 @@ cancel, findings, breakers and agents."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from monitor.server.keys import DETECTORS, INGESTOR
@@ -120,3 +121,27 @@ async def test_the_detector_loop_runs_in_the_app(
     assert "dead" == (await get(client, "/v1/executions/r"))["state"]
     assert 0 == sum(client.app[DETECTORS].failures.values())
     assert clock() == client.app[DETECTORS].last_tick_at
+
+
+async def test_a_stalled_loop_gives_the_fleet_a_fresh_grace(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """When the daemon's own loop stalls, nobody is declared dead for it."""
+    client = await make_client(
+        {"defaults": {"heartbeat_timeout_s": 10}, "detectors": {"blind_lag_s": 0.3}},
+        run_detectors=True,
+    )
+    await post(client, state_event("r", "running", agent="a"))
+    await asyncio.sleep(0.1)
+    detectors = client.app[DETECTORS]
+    spells = detectors.blind_spells
+    clock.advance(30)  # heartbeats "missed" while the loop could not run
+    time.sleep(0.5)  # block the event loop itself, as a stuck handler would
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if detectors.blind_spells > spells:
+            break
+    assert spells + 1 == detectors.blind_spells
+    assert detectors.loop_lag_s >= 0.3
+    assert "running" == (await get(client, "/v1/executions/r"))["state"]
+    assert clock() == detectors.sighted_since
