@@ -74,8 +74,8 @@ def stall_deadline(ex: Execution, settings: Settings, sighted_since: float) -> f
 
 
 def memory_high_deadline(ex: Execution, settings: Settings, sighted_since: float) -> float | None:
-    """Over the soft limit for memory_hold_s."""
-    if ex.over_soft_since is None or ex.state not in _TICKING:
+    """Over the soft limit for memory_hold_s (until the finding is raised)."""
+    if ex.over_soft_since is None or ex.state not in _TICKING or "memory_high" in ex.findings:
         return None
     hold: float = settings.limits_for(ex.agent).memory_hold_s or 0.0
     return ex.over_soft_since + hold
@@ -84,8 +84,8 @@ def memory_high_deadline(ex: Execution, settings: Settings, sighted_since: float
 def memory_exceeded_deadline(
     ex: Execution, settings: Settings, sighted_since: float
 ) -> float | None:
-    """Over the hard limit for memory_hold_s."""
-    if ex.over_hard_since is None or ex.state not in _TICKING:
+    """Over the hard limit for memory_hold_s (until the finding is raised)."""
+    if ex.over_hard_since is None or ex.state not in _TICKING or "memory_exceeded" in ex.findings:
         return None
     hold: float = settings.limits_for(ex.agent).memory_hold_s or 0.0
     return ex.over_hard_since + hold
@@ -105,6 +105,5 @@ CLOCKS: Mapping[str, Deadline] = {
 TIMEOUTS = frozenset({"start_timeout", "run_timeout", "total_timeout"})
 """Clocks whose expiry ends the execution in `timeout`."""
 
-SCHEDULED_ON_CHANGE = ("start_timeout", "run_timeout", "total_timeout", "heartbeat", "stalled")
-"""Clocks (re)scheduled whenever an execution's state or limits change; the memory clocks
-start from memory observations instead."""
+SCHEDULED_ON_CHANGE = tuple(CLOCKS)
+"""Clocks (re)scheduled whenever an execution's state or limits change, or it is restored."""

@@ -416,3 +416,18 @@ def test_a_cancel_request_stands_until_the_execution_stops() -> None:
     assert "cancel_requested" == world.registry.stopping[("default", "r")]
     world.send(state_event("r", "cancelled"))
     assert ("default", "r") not in world.registry.stopping
+
+
+def test_a_restored_execution_keeps_its_memory_hold() -> None:
+    """Over the limit when the daemon stopped: the hold still ends in a finding after replay."""
+    world = memory_world("observe")
+    world.send(state_event("r", "running", agent="a", rss_bytes=120 * MIB))
+    world.clock.advance(1)
+    restored = Registry(world.settings)
+    restored.restore_all([world.ex().snapshot()])
+    detectors = Detectors(restored, world.settings)
+    detectors.regain_sight(world.clock())
+    detectors.schedule_all()
+    world.clock.advance(1.1)
+    result = detectors.tick(world.clock())
+    assert {("r", "memory_exceeded", True), ("r", "memory_high", True)} == set(findings(result))
