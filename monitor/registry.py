@@ -68,6 +68,8 @@ class Registry:
         """Side records not returned by apply(); drained by whoever commits."""
         self.findings: dict[tuple[Key, str], FindingChange] = {}
         """Every active finding, by (execution key, finding)."""
+        self.with_pid: dict[Key, Execution] = {}
+        """Unfinished executions that reported a pid: the ones the daemon samples itself."""
         self.stopping: dict[Key, str] = {}
         """Executions that should stop, with the reason their next answer's directive gives."""
 
@@ -236,8 +238,7 @@ class Registry:
             ex.rss_bytes = event.rss_bytes
             ex.rss_samples.append((now, event.rss_bytes))
 
-    @staticmethod
-    def _absorb_detail(ex: Execution, event: Event, now: float) -> None:
+    def _absorb_detail(self, ex: Execution, event: Event, now: float) -> None:
         """Copy the rest: limits, identity and context fields (rarer, and worth a commit)."""
         if event.limits:
             ex.limits.update(event.limits)
@@ -246,6 +247,8 @@ class Registry:
         if event.pid is not None and event.pid != ex.pid:
             ex.pid = event.pid
             ex.pid_at = now
+            if ex.finished_at is None:
+                self.with_pid[ex.key] = ex
         if event.parent_id is not None:
             ex.parent_id = event.parent_id
         if event.error is not None:
@@ -352,6 +355,8 @@ class Registry:
 
     def _unfinish(self, ex: Execution) -> None:
         """A dead execution showed proof of life: it is no longer finished."""
+        if ex.pid is not None:
+            self.with_pid[ex.key] = ex
         ex.finished_at = None
         ex.died_from = None
         self.finished_count -= 1
@@ -361,6 +366,7 @@ class Registry:
             self.stopping[ex.key] = ex.cancel_reason
 
     def _finish(self, ex: Execution, now: float) -> None:
+        self.with_pid.pop(ex.key, None)
         ex.finished_at = now
         self._finish_tokens += 1
         ex.finish_token = self._finish_tokens
@@ -447,6 +453,8 @@ class Registry:
             self.findings[(ex.key, finding)] = change
         if ex.finished_at is not None:
             self._finish(ex, ex.finished_at)
+        elif ex.pid is not None:
+            self.with_pid[ex.key] = ex
         last = ex.history[-1] if ex.history else None
         if ex.state in TERMINAL and last is not None and last.reason is not None:
             self.stopping[ex.key] = last.reason

@@ -83,6 +83,8 @@ class Detectors:
         self.loop_lag_s = 0.0
         """How late the detector loop last woke (measured by the server's loop)."""
         self.blind_spells = 0
+        self._queued = 0
+        """Heap entries that are some execution's current entry (the rest are stale)."""
 
     # ---- ingest path ---------------------------------------------------------------------
 
@@ -110,6 +112,8 @@ class Detectors:
 
     def _observe(self, ex: Execution, transition: Transition, now: float) -> None:
         new, old = transition.new, transition.old
+        if new in TERMINAL:
+            self._unqueue(ex)
         if old is None and new not in TERMINAL:
             breaker = self.breakers.get((ex.tenant, ex.agent))
             if breaker is not None and breaker.state is not _CLOSED:
@@ -152,6 +156,7 @@ class Detectors:
             if ex is None or ex.clocks.get(clock) != due:
                 continue  # evicted, or superseded by an earlier entry
             del ex.clocks[clock]
+            self._queued -= 1
             try:
                 self._fire(ex, clock, now, result)
             except Exception as exc:  # one broken detector must not stop the others
@@ -198,8 +203,36 @@ class Detectors:
     def _push(self, ex: Execution, clock: str, deadline: float) -> None:
         current = ex.clocks.get(clock)
         if current is None or deadline < current:
+            if current is None:
+                self._queued += 1
             ex.clocks[clock] = deadline
-            heapq.heappush(self._heap, (deadline, next(self._order), ex.key, clock))
+            heap = self._heap
+            heapq.heappush(heap, (deadline, next(self._order), ex.key, clock))
+            if len(heap) > 2 * self._queued + 1024:
+                self._compact()
+
+    def _unqueue(self, ex: Execution) -> None:
+        """An execution ended: its queued deadlines are void (left in the heap as stale)."""
+        if ex.clocks:
+            self._queued -= len(ex.clocks)
+            ex.clocks.clear()
+
+    def _compact(self) -> None:
+        """Drop stale entries once they outnumber the current ones: under churn with long
+        limits (a day-long timeout_s), finished executions would otherwise pile up here."""
+        lookup = self.registry.by_key
+        live = []
+        for entry in self._heap:
+            ex = lookup(entry[2])
+            if ex is not None and ex.clocks.get(entry[3]) == entry[0]:
+                live.append(entry)
+        heapq.heapify(live)
+        self._heap[:] = live  # in place: tick() holds a reference to this list
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """(current entries, heap size): how much of the heap is stale."""
+        return self._queued, len(self._heap)
 
     def _schedule(self, ex: Execution) -> None:
         settings, sighted = self.settings, self.sighted_since
@@ -220,7 +253,8 @@ class Detectors:
             target = _DEAD if clock == "heartbeat" else _TIMEOUT
             transition = registry.expire(ex, target, clock, deadline, now)
             result.records.append(transition)
-            if ex.cancel_reason != "circuit_open":  # the rest of _observe for live -> terminal
+            self._unqueue(ex)  # the rest of _observe for live -> terminal
+            if ex.cancel_reason != "circuit_open":
                 self._outcome(ex, True, now)
         elif clock == "stalled":
             limit = limit_of(ex, "stall_timeout_s", self.settings)
@@ -282,7 +316,8 @@ class Detectors:
                 self._push(ex, "memory_exceeded", now + self._hold(ex))
         elif ex.over_hard_since is not None:
             ex.over_hard_since = None
-            ex.clocks.pop("memory_exceeded", None)
+            if ex.clocks.pop("memory_exceeded", None) is not None:
+                self._queued -= 1
             registry.clear_finding(ex, "memory_exceeded", now)
         if rss > self._soft_limit(ex, limit):
             if ex.over_soft_since is None:
@@ -290,7 +325,8 @@ class Detectors:
                 self._push(ex, "memory_high", now + self._hold(ex))
         elif ex.over_soft_since is not None:
             ex.over_soft_since = None
-            ex.clocks.pop("memory_high", None)
+            if ex.clocks.pop("memory_high", None) is not None:
+                self._queued -= 1
             registry.clear_finding(ex, "memory_high", now)
         horizon = self.settings.limits_for(ex.agent).memory_trend_horizon_s
         rate = growth_rate(ex.rss_samples)

@@ -174,10 +174,9 @@ async def run_sampler(app: web.Application) -> None:
 
 
 def sample_memory(detectors: Detectors, now: float, most: int, cursor: int) -> int:
-    """Sample up to `most` live executions with a pid, round robin from the serial `cursor`;
-    return where the next round starts."""
-    with_pid = [ex for ex in detectors.registry if ex.pid is not None and ex.finished_at is None]
-    with_pid.sort(key=lambda ex: ex.serial)
+    """Sample up to `most` unfinished executions with a pid, round robin from the serial
+    `cursor`; return where the next round starts. Costs what is sampled, not the fleet."""
+    with_pid = sorted(detectors.registry.with_pid.values(), key=lambda ex: ex.serial)
     due = [ex for ex in with_pid if ex.serial > cursor][:most]
     if len(due) < most:
         due += with_pid[: most - len(due)]

@@ -431,3 +431,24 @@ def test_a_restored_execution_keeps_its_memory_hold() -> None:
     world.clock.advance(1.1)
     result = detectors.tick(world.clock())
     assert {("r", "memory_exceeded", True), ("r", "memory_high", True)} == set(findings(result))
+
+
+def test_the_heap_stays_bounded_under_churn_with_long_limits() -> None:
+    """Executions that finish long before their day-long deadlines do not pile up."""
+    world = World(defaults={"heartbeat_timeout_s": 86400, "timeout_s": 86400})
+    for i in range(20_000):
+        world.send(state_event(f"r{i}", "running", agent="a"))
+        world.send(state_event(f"r{i}", "completed"))
+    current, size = world.detectors.queued
+    assert 0 == current
+    assert size <= 2 * current + 1024 + 2
+
+
+def test_only_unfinished_executions_with_a_pid_are_sampled() -> None:
+    """The sampler's index holds what it should sample, nothing more."""
+    world = World()
+    world.send(state_event("a", "running", agent="x", pid=10))
+    world.send(state_event("b", "running", agent="x"))
+    world.send(state_event("c", "running", agent="x", pid=11))
+    world.send(state_event("c", "completed"))
+    assert [("default", "a")] == list(world.registry.with_pid)
