@@ -70,6 +70,9 @@ class BreakerSettings:
     window_s: float | None = None
     wait_in_open_s: float = 30.0
     permitted_calls_in_half_open: int = 3
+    max_wait_in_half_open_s: float = 120.0
+    """resilience4j's maxWaitDurationInHalfOpenState: re-open if the trials have not all
+    ended by then (0 waits forever, which lets one hung trial hold the breaker)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,7 @@ BREAKER_KEYS: Mapping[str, Check] = {
     "window_s": _SECONDS,
     "wait_in_open_s": _SECONDS,
     "permitted_calls_in_half_open": _integer(1),
+    "max_wait_in_half_open_s": _number(0.0, above=False),
 }
 RETENTION_KEYS: Mapping[str, Check] = {
     "finished_s": _number(0.0, above=False),

@@ -91,9 +91,10 @@ class FindingChange(NamedTuple):
 _PLAIN = (
     "tenant", "execution_id", "agent", "phase", "parent_id", "created_at", "state_since",
     "updated_at", "registered_at", "last_heartbeat_at", "last_progress_at", "running_at",
-    "paused_at", "paused_s", "run_paused_s", "memory_limit_bytes", "pid", "pid_at", "rss_bytes",
+    "paused_at", "paused_s", "run_paused_s", "memory_limit_bytes", "pid", "rss_bytes",
     "progress", "error", "traceparent", "last_seq", "finished_at", "died_from",
-    "cancel_reason", "breaker_trial", "over_soft_since", "over_hard_since",
+    "cancel_reason", "breaker_trial", "over_soft_since", "over_hard_since", "rss_sampled",
+    "outcome_at", "outcome_failed",
 )  # fmt: skip
 
 
@@ -159,10 +160,10 @@ class Execution:
         self.limits: dict[str, float] = {}
         self.memory_limit_bytes: int | None = None
         self.pid: int | None = None
-        self.pid_at: float | None = None
-        """Daemon clock when `pid` was reported: a process created after it is not this one."""
         self.rss_bytes: int | None = None
         self.rss_samples: deque[tuple[float, int]] = deque(maxlen=16)
+        self.rss_sampled = False
+        """The last RSS came from the daemon's own sample of `pid`, not from an event."""
         self.over_soft_since: float | None = None
         self.over_hard_since: float | None = None
         self.progress: float | int | str | None = None
@@ -177,8 +178,11 @@ class Execution:
         """The state it was in when declared dead; a heartbeat revives it into that state."""
         self.cancel_reason: str | None = None
         """Why it was asked to stop (`cancel_requested`, `circuit_open`), until it ends."""
-        self.breaker_trial = False
-        """Admitted by a half-open breaker as one of its trial executions."""
+        self.breaker_trial = 0
+        """The half-open period (breaker generation) that admitted it as a trial, else 0."""
+        self.outcome_at: float | None = None
+        """When its terminal outcome was counted by its breaker (taken back on revival)."""
+        self.outcome_failed = False
         self.findings: dict[str, FindingChange] = {}
         self.clocks: dict[str, float] = {}
         """Detector bookkeeping: the earliest deadline queued per clock."""

@@ -236,6 +236,7 @@ class Registry:
             self._progressed(ex, now)
         if event.rss_bytes is not None:
             ex.rss_bytes = event.rss_bytes
+            ex.rss_sampled = False
             ex.rss_samples.append((now, event.rss_bytes))
 
     def _absorb_detail(self, ex: Execution, event: Event, now: float) -> None:
@@ -246,7 +247,6 @@ class Registry:
             ex.memory_limit_bytes = event.memory_limit_bytes
         if event.pid is not None and event.pid != ex.pid:
             ex.pid = event.pid
-            ex.pid_at = now
             if ex.finished_at is None:
                 self.with_pid[ex.key] = ex
         if event.parent_id is not None:
@@ -268,8 +268,9 @@ class Registry:
     def expire(
         self, ex: Execution, target: ExecState, reason: str, at: float, now: float
     ) -> Transition:
-        """A detector ends `ex` (timeout, dead, failed), back-dated to the deadline `at`."""
-        transition = self._move(ex, target, at, now, reason, detected_at=now)
+        """A detector ends `ex` (timeout, dead, failed), back-dated to the deadline `at`
+        (never before its current state began: history runs forward)."""
+        transition = self._move(ex, target, max(at, ex.state_since), now, reason, now)
         self.stopping[ex.key] = reason
         return transition
 
@@ -303,6 +304,8 @@ class Registry:
 
     def request_cancel(self, ex: Execution, reason: str) -> None:
         """Ask `ex` to stop: every later answer about it carries a cancel directive."""
+        if ex.cancel_reason == "circuit_open":
+            return  # refused by its breaker already; it never counts as an outcome
         ex.cancel_reason = reason
         if ex.state not in FINAL:
             self.stopping[ex.key] = reason
@@ -347,6 +350,7 @@ class Registry:
             self._progressed(ex, now)
             if target is _PAUSED:
                 ex.paused_at = now
+                ex.over_soft_since = ex.over_hard_since = None  # memory holds restart after
             elif target in _RUN_CLOCK and ex.running_at is None:
                 ex.running_at = now
                 ex.run_paused_s = ex.paused_s

@@ -25,7 +25,7 @@ class BreakerTransition(NamedTuple):
     old: BreakerState
     new: BreakerState
     at: float
-    """When it happened; for open -> half_open, the moment the wait ended."""
+    """When it happened; for a move made on time, the moment the wait ended."""
     failure_rate: float
     detected_at: float
 
@@ -42,16 +42,19 @@ class Breaker:
 
     closed -> open when at least `minimum_calls` outcomes are in the window and the
     failure rate reaches `failure_rate_threshold`; open -> half_open after
-    `wait_in_open_s` (on time, via `due_at`); half_open admits
-    `permitted_calls_in_half_open` trial executions, whose outcomes close or re-open it.
+    `wait_in_open_s`; half_open admits `permitted_calls_in_half_open` trial executions,
+    whose outcomes close or re-open it, and re-opens if they have not all ended within
+    `max_wait_in_half_open_s` (so a trial that hangs cannot hold it half open forever).
+    Moves made on time happen in tick(), driven by `due_at`.
     """
 
     __slots__ = (
         "agent",
         "failure_rate",
         "failures",
-        "opened_at",
+        "generation",
         "settings",
+        "since",
         "state",
         "tenant",
         "trial_outcomes",
@@ -64,29 +67,39 @@ class Breaker:
         self.agent = agent
         self.settings = settings
         self.state = _CLOSED
+        self.since = 0.0
+        """When the current state began."""
         self.window: deque[tuple[float, bool]] = deque(
             maxlen=None if settings.window_s is not None else settings.window_size
         )
         self.failure_rate = 0.0
         self.failures = 0
         """Failures in the window, kept as outcomes come and go (no sum per outcome)."""
-        self.opened_at: float | None = None
+        self.generation = 0
+        """Counts half-open periods: a trial belongs to the one that admitted it."""
         self.trials_admitted = 0
         self.trial_outcomes: list[bool] = []
 
     @property
     def due_at(self) -> float | None:
-        """When an open breaker moves to half_open; None in the other states."""
-        if self.state is _OPEN and self.opened_at is not None:
-            return self.opened_at + self.settings.wait_in_open_s
+        """When the breaker moves on time: open -> half_open, or a half-open period that
+        waited too long -> open. None when nothing is due."""
+        if self.state is _OPEN:
+            return self.since + self.settings.wait_in_open_s
+        if self.state is _HALF_OPEN and self.settings.max_wait_in_half_open_s:
+            return self.since + self.settings.max_wait_in_half_open_s
         return None
 
     def retry_after_s(self, now: float) -> float:
-        """Seconds until a call may be permitted again (0 when one is permitted now)."""
+        """Seconds until a new execution may be permitted (0 when one is permitted now)."""
+        if self.allows():
+            return 0.0
         due = self.due_at
-        if due is not None:
+        if self.state is _OPEN and due is not None:
             return max(0.0, due - now)
-        return 0.0
+        if due is not None:  # half open, every trial slot taken: at worst when it re-opens
+            return max(0.0, due - now) + self.settings.wait_in_open_s
+        return self.settings.wait_in_open_s
 
     def allows(self) -> bool:
         """Whether a new execution would be permitted now."""
@@ -96,33 +109,37 @@ class Breaker:
             return self.trials_admitted < self.settings.permitted_calls_in_half_open
         return False
 
-    def admit(self) -> bool:
-        """A new execution asks to start: True if permitted (half_open counts the trial)."""
+    def admit(self) -> int | None:
+        """A new execution asks to start. Returns None if refused, 0 if admitted normally,
+        or the half-open generation it is a trial of."""
         if not self.allows():
-            return False
+            return None
         if self.state is _HALF_OPEN:
             self.trials_admitted += 1
-        return True
+            return self.generation
+        return 0
 
-    def record(self, failed: bool, now: float, trial: bool) -> BreakerTransition | None:
+    def release(self, trial: int) -> None:
+        """A trial ended without a verdict (cancelled, evicted): give its slot back."""
+        if self.state is _HALF_OPEN and trial == self.generation and self.trials_admitted:
+            self.trials_admitted -= 1
+
+    def record(self, failed: bool, now: float, trial: int) -> BreakerTransition | None:
         """Count one terminal outcome; return the transition it causes, if any.
 
-        In half_open only the trial executions it admitted count: an execution that
+        In half_open only the trials of the current period count: an execution that
         started while the breaker was closed says nothing about whether it recovered.
         """
         settings = self.settings
         if self.state is _HALF_OPEN:
-            if not trial:
+            if not trial or trial != self.generation:
                 return None
             self.trial_outcomes.append(failed)
             if len(self.trial_outcomes) < settings.permitted_calls_in_half_open:
                 return None
-            rate = sum(self.trial_outcomes) / len(self.trial_outcomes)
-            self.failure_rate = rate
-            if rate >= settings.failure_rate_threshold:
+            self.failure_rate = sum(self.trial_outcomes) / len(self.trial_outcomes)
+            if self.failure_rate >= settings.failure_rate_threshold:
                 return self._move(_OPEN, now, now)
-            self.window.clear()
-            self.failures = 0
             return self._move(_CLOSED, now, now)
         if self.state is _OPEN:
             return None  # executions admitted before it opened: not evidence either way
@@ -139,12 +156,25 @@ class Breaker:
             return self._move(_OPEN, now, now)
         return None
 
+    def retract(self, at: float, failed: bool) -> None:
+        """Take back an outcome recorded at `at` (a death that proved false), if it is
+        still in the window."""
+        window = self.window
+        for index in range(len(window) - 1, -1, -1):
+            if window[index] == (at, failed):
+                del window[index]
+                self.failures -= failed
+                self.failure_rate = self.failures / len(window) if window else 0.0
+                return
+
     def tick(self, now: float) -> BreakerTransition | None:
-        """Move open -> half_open once the wait is over, back-dated to when it ended."""
+        """Make the move that is due by `now`, back-dated to when it fell due."""
         due = self.due_at
         if due is None or due > now:
             return None
-        return self._move(_HALF_OPEN, due, now)
+        if self.state is _OPEN:
+            return self._move(_HALF_OPEN, due, now)
+        return self._move(_OPEN, due, now)  # the half-open period ran out of time
 
     def rate(self, now: float) -> float:
         """The failure rate over the window as it stands at `now`."""
@@ -152,6 +182,13 @@ class Breaker:
             self._expire(now)
             self.failure_rate = self.failures / len(self.window) if self.window else 0.0
         return self.failure_rate
+
+    def idle(self, now: float) -> bool:
+        """Closed and holding no outcome that still counts: safe to forget."""
+        if self.state is not _CLOSED:
+            return False
+        self._expire(now)
+        return not self.window
 
     def _expire(self, now: float) -> None:
         window_s = self.settings.window_s
@@ -161,13 +198,18 @@ class Breaker:
 
     def _move(self, new: BreakerState, at: float, now: float) -> BreakerTransition:
         old, self.state = self.state, new
-        if new is _OPEN:
-            self.opened_at = at
-        else:
-            self.opened_at = None
+        self.since = at
+        if new is _HALF_OPEN:
+            self.generation += 1
+        if new is _CLOSED:
+            self.window.clear()
+            self.failures = 0
+        rate = self.failure_rate
+        if new is _CLOSED:
+            self.failure_rate = 0.0
         self.trials_admitted = 0
         self.trial_outcomes = []
-        return BreakerTransition(self.tenant, self.agent, old, new, at, self.failure_rate, now)
+        return BreakerTransition(self.tenant, self.agent, old, new, at, rate, now)
 
     def to_dict(self, now: float) -> dict[str, object]:
         """What GET /v1/breakers/{agent} answers."""

@@ -29,9 +29,12 @@ Record = Transition | FindingChange | BreakerTransition
 """Everything the detectors and the registry produce, in the order it happened."""
 
 _FAILURES = frozenset({ExecState.FAILED, ExecState.TIMEOUT, ExecState.DEAD})
+MAX_BREAKERS = 10_000
+"""Breakers kept at most; idle ones are forgotten past it (agent names come from clients)."""
 _CLOSED = BreakerState.CLOSED
 _HALF_OPEN = BreakerState.HALF_OPEN
 _CANCELLED = ExecState.CANCELLED
+_PAUSED = ExecState.PAUSED
 _DEAD = ExecState.DEAD
 _TIMEOUT = ExecState.TIMEOUT
 
@@ -44,8 +47,6 @@ class Terminate:
     execution_id: str
     pid: int
     grace_s: float
-    pid_seen_at: float
-    """When the execution reported this pid: a process created later is not its own."""
 
 
 @dataclass(slots=True)
@@ -117,24 +118,32 @@ class Detectors:
         if old is None and new not in TERMINAL:
             breaker = self.breakers.get((ex.tenant, ex.agent))
             if breaker is not None and breaker.state is not _CLOSED:
-                if breaker.admit():
-                    ex.breaker_trial = breaker.state is _HALF_OPEN
-                else:
+                self._tick_breaker(breaker, now)  # a move due right now must count already
+                admitted = breaker.admit()
+                if admitted is None:
                     self.not_permitted[(ex.tenant, ex.agent)] += 1
                     self.registry.request_cancel(ex, "circuit_open")
-        if (
-            new in TERMINAL
-            and (old is None or old in LIVE)
-            and new is not _CANCELLED
-            and ex.cancel_reason != "circuit_open"  # refused by the breaker: it never ran
-        ):
-            self._outcome(ex, new in _FAILURES, now)
+                else:
+                    ex.breaker_trial = admitted
+        if old is _DEAD and ex.outcome_at is not None:
+            # A revival: the death it counted as a failure was false.
+            breaker = self.breakers.get((ex.tenant, ex.agent))
+            if breaker is not None:
+                breaker.retract(ex.outcome_at, ex.outcome_failed)
+            ex.outcome_at = None
+        if new in TERMINAL and ex.cancel_reason != "circuit_open":  # refused: it never ran
+            if new is _CANCELLED:
+                if ex.breaker_trial:
+                    self._breaker(ex, now).release(ex.breaker_trial)
+            elif ex.outcome_at is None:
+                self._outcome(ex, new in _FAILURES, now)
         if new in LIVE:
             self._schedule(ex)
 
     def observe_rss(self, ex: Execution, rss: int, now: float) -> None:
         """A memory sample taken by the daemon itself (psutil on the execution's pid)."""
         ex.rss_bytes = rss
+        ex.rss_sampled = True
         ex.rss_samples.append((now, rss))
         self._memory(ex, now)
 
@@ -165,9 +174,9 @@ class Detectors:
         breaker_heap = self._breaker_heap
         while breaker_heap and breaker_heap[0][0] <= now:
             _, _, bkey = heapq.heappop(breaker_heap)
-            moved = self.breakers[bkey].tick(now)
-            if moved is not None:
-                result.records.append(moved)
+            breaker = self.breakers.get(bkey)
+            if breaker is not None:  # None: forgotten while idle
+                self._tick_breaker(breaker, now)
         result.records.extend(self.drain())
         self.last_tick_at = now
         return result
@@ -254,11 +263,13 @@ class Detectors:
             transition = registry.expire(ex, target, clock, deadline, now)
             result.records.append(transition)
             self._unqueue(ex)  # the rest of _observe for live -> terminal
-            if ex.cancel_reason != "circuit_open":
+            if ex.cancel_reason != "circuit_open" and ex.outcome_at is None:
                 self._outcome(ex, True, now)
         elif clock == "stalled":
             limit = limit_of(ex, "stall_timeout_s", self.settings)
-            if "stalled" not in ex.findings:
+            # Stalled means alive but not advancing: an execution that has sent nothing
+            # since its last progress is silent, which is the dead detector's business.
+            if "stalled" not in ex.findings and ex.last_heartbeat_at > ex.last_progress_at:
                 registry.raise_finding(
                     ex, "stalled", deadline, f"no progress, phase or state change for {limit:g}s "
                     "while it keeps reporting", now,
@@ -285,16 +296,17 @@ class Detectors:
             f"for {agent.memory_hold_s:g}s"
         )
         policy = agent.memory_policy
-        if policy == "observe" or (policy == "terminate" and ex.pid is None):
+        if policy == "observe":
             self.registry.raise_finding(ex, "memory_exceeded", deadline, detail, now)
             return
-        if policy == "terminate":
-            assert ex.pid is not None
-            assert ex.pid_at is not None
-            result.actions.append(
-                Terminate(ex.tenant, ex.execution_id, ex.pid, agent.terminate_grace_s or 0.0,
-                          ex.pid_at)
-            )  # fmt: skip
+        # Signal only on RSS the daemon sampled itself from the pid: a reported number
+        # must never be enough to kill a process. Otherwise terminate acts like fail.
+        if policy == "terminate" and ex.pid is not None and ex.rss_sampled:
+            claimed = sum(1 for other in self.registry.with_pid.values() if other.pid == ex.pid)
+            if claimed == 1:  # a pid two executions claim is nobody's to signal
+                result.actions.append(
+                    Terminate(ex.tenant, ex.execution_id, ex.pid, agent.terminate_grace_s or 0.0)
+                )
         ex.error = ex.error or {"type": "memory_exceeded", "message": detail}
         transition = self.registry.expire(ex, ExecState.FAILED, "memory_exceeded", deadline, now)
         result.records.append(transition)
@@ -307,8 +319,8 @@ class Detectors:
         """Re-judge memory after a new RSS observation."""
         rss = ex.rss_bytes
         limit = limit_of(ex, "memory_limit_bytes", self.settings)
-        if rss is None or limit is None or ex.state not in LIVE:
-            return
+        if rss is None or limit is None or ex.state not in LIVE or ex.state is _PAUSED:
+            return  # paused: no clocks, and a hold restarts after the pause
         registry = self.registry
         if rss > limit:
             if ex.over_hard_since is None:
@@ -343,17 +355,48 @@ class Detectors:
     def _hold(self, ex: Execution) -> float:
         return self.settings.limits_for(ex.agent).memory_hold_s or 0.0
 
-    def _outcome(self, ex: Execution, failed: bool, now: float) -> None:
+    def _breaker(self, ex: Execution, now: float) -> Breaker:
         bkey = (ex.tenant, ex.agent)
         breaker = self.breakers.get(bkey)
         if breaker is None:
+            if len(self.breakers) >= MAX_BREAKERS:
+                self._forget_breakers(now)
             breaker = self.breakers[bkey] = Breaker(ex.tenant, ex.agent, self.settings.breaker)
-        moved = breaker.record(failed, now, ex.breaker_trial)
-        if moved is not None:
-            self.outbox.append(moved)
-            due = breaker.due_at
-            if due is not None:
-                heapq.heappush(self._breaker_heap, (due, next(self._order), bkey))
+        return breaker
+
+    def _forget_breakers(self, now: float) -> None:
+        """Bound the breakers (agent names come from clients) to 90% of the cap: forget
+        closed ones holding no outcome first, then the oldest closed ones. An open or
+        half-open breaker is never forgotten; an agent seen again starts afresh."""
+        excess = len(self.breakers) - MAX_BREAKERS * 9 // 10
+        closed = [k for k, b in self.breakers.items() if b.state is _CLOSED]
+        idle = [k for k in closed if self.breakers[k].idle(now)]
+        chosen = dict.fromkeys(idle[:excess])
+        for bkey in closed:
+            if len(chosen) >= excess:
+                break
+            chosen[bkey] = None
+        for bkey in chosen:
+            del self.breakers[bkey]
+            self.not_permitted.pop(bkey, None)
+
+    def _outcome(self, ex: Execution, failed: bool, now: float) -> None:
+        breaker = self._breaker(ex, now)
+        self._tick_breaker(breaker, now)
+        ex.outcome_at, ex.outcome_failed = now, failed
+        self._moved(breaker, breaker.record(failed, now, ex.breaker_trial))
+
+    def _tick_breaker(self, breaker: Breaker, now: float) -> None:
+        self._moved(breaker, breaker.tick(now))
+
+    def _moved(self, breaker: Breaker, moved: BreakerTransition | None) -> None:
+        if moved is None:
+            return
+        self.outbox.append(moved)
+        due = breaker.due_at
+        if due is not None:
+            bkey = (breaker.tenant, breaker.agent)
+            heapq.heappush(self._breaker_heap, (due, next(self._order), bkey))
 
     def breaker(self, tenant: str, agent: str) -> Breaker:
         """The breaker of (tenant, agent); a closed one if it has seen nothing yet."""

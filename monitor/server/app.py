@@ -19,13 +19,13 @@ from monitor.server.keys import (
     DETECTORS,
     HEALTH,
     INGESTOR,
+    PROCESSES,
     REGISTRY,
     SETTINGS,
     STORE,
-    TERMINATOR,
     Health,
 )
-from monitor.server.scheduler import Terminator, detector_tasks, freeze_long_lived
+from monitor.server.scheduler import ProcessWatch, detector_tasks, freeze_long_lived
 from monitor.states import StateNames
 from monitor.store import Store
 from monitor.store.memory import NullStore
@@ -79,7 +79,7 @@ def make_app(
     app[STORE] = store
     app[CLOCK] = clock
     app[HEALTH] = Health()
-    app[TERMINATOR] = Terminator()
+    app[PROCESSES] = ProcessWatch()
     app[INGESTOR] = Ingestor(
         detectors, store, StateNames(settings.aliases), sinks, settings.max_batch_events
     )

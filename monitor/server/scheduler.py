@@ -16,60 +16,94 @@ from aiohttp import web
 
 from monitor.detectors.engine import Detectors, Terminate
 from monitor.server.ingest import Ingestor
-from monitor.server.keys import CLOCK, DETECTORS, INGESTOR, SETTINGS, TERMINATOR
+from monitor.server.keys import CLOCK, DETECTORS, INGESTOR, PROCESSES, SETTINGS
 
 log = structlog.get_logger("execwatch.detectors")
 
 
-class Terminator:
-    """Carries out policy `terminate`: SIGTERM to the execution's own pid, SIGKILL after the
-    grace if it lives on. Never signals a process group, this daemon, its parent, pid 1, or
-    a process created after the execution reported its pid (a recycled pid)."""
+class ProcessWatch:
+    """The daemon's hands on real processes: samples the RSS of executions that gave a pid,
+    and carries out policy `terminate` (SIGTERM, then SIGKILL after the grace).
 
-    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
-        self._wall_clock = wall_clock
+    A process is only ever signalled when all of these hold: the daemon sampled it itself
+    and recorded its identity (pid + creation time) then, it is still that process, it runs
+    under the daemon's own uid, and it is not pid 1, the daemon or one of its ancestors.
+    Never a process group.
+    """
+
+    def __init__(self) -> None:
+        self._identities: dict[tuple[tuple[str, str], int], float] = {}
+        """(execution key, pid) -> process creation time seen at the first sample."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent: list[tuple[int, str]] = []
         """(pid, signal name) of every signal sent, for the record and for tests."""
+        self.refused: list[tuple[int, str]] = []
+        """(pid, why) of every termination refused."""
+
+    # ---- sampling ------------------------------------------------------------------------
+
+    def sample(self, targets: list[tuple[tuple[str, str], int]]) -> dict[int, int | None]:
+        """RSS of each distinct pid (None when it is gone or no longer the same process).
+        Runs in a worker thread: psutil calls block."""
+        rss: dict[int, int | None] = {}
+        for key, pid in targets:
+            if pid in rss:
+                continue
+            try:
+                process = psutil.Process(pid)
+                created = process.create_time()
+                seen = self._identities.setdefault((key, pid), created)
+                rss[pid] = process.memory_info().rss if seen == created else None
+            except psutil.Error:
+                rss[pid] = None
+        return rss
+
+    def forget(self, live: set[tuple[str, str]]) -> None:
+        """Drop the identities of executions that are no longer sampled."""
+        for ident in [i for i in self._identities if i[0] not in live]:
+            del self._identities[ident]
+
+    # ---- termination ---------------------------------------------------------------------
 
     def start(self, action: Terminate) -> None:
         task = asyncio.create_task(self._terminate(action))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _process(self, action: Terminate) -> psutil.Process | None:
-        pid = action.pid
-        if pid <= 1 or pid in (os.getpid(), os.getppid()):
-            log.warning("terminate_refused", pid=pid, reason="protected pid",
-                        execution_id=action.execution_id)  # fmt: skip
-            return None
+    def check(self, key: tuple[str, str], pid: int) -> psutil.Process | str:
+        """The process to signal, or why it must not be."""
+        if pid <= 1 or pid == os.getpid():
+            return "protected pid"
         try:
+            me = psutil.Process()
+            if pid in {parent.pid for parent in me.parents()}:
+                return "an ancestor of the daemon"
             process = psutil.Process(pid)
             created = process.create_time()
+            if self._identities.get((key, pid)) != created:
+                return "not the process the daemon sampled for this execution"
+            if process.uids().real != me.uids().real:
+                return "runs under another user"
         except psutil.Error:
-            log.info("terminate_skipped", pid=pid, reason="no such process",
-                     execution_id=action.execution_id)  # fmt: skip
-            return None
-        # create_time has ~10 ms resolution; a process born after the pid was reported is
-        # someone else's (the clock here is wall time, like create_time).
-        if created > action.pid_seen_at + 1.0:
-            log.warning("terminate_refused", pid=pid, reason="pid reused",
-                        execution_id=action.execution_id)  # fmt: skip
-            return None
+            return "no such process"
         return process
 
     async def _terminate(self, action: Terminate) -> None:
-        process = self._process(action)
-        if process is None:
+        key = (action.tenant, action.execution_id)
+        found = self.check(key, action.pid)
+        if isinstance(found, str):
+            self.refused.append((action.pid, found))
+            log.warning("terminate_refused", pid=action.pid, reason=found,
+                        execution_id=action.execution_id, tenant=action.tenant)  # fmt: skip
             return
         try:
-            process.send_signal(signal.SIGTERM)  # psutil checks the pid is still that process
+            found.send_signal(signal.SIGTERM)  # psutil re-checks it is still that process
             self.sent.append((action.pid, "SIGTERM"))
             log.warning("execution_terminated", pid=action.pid, signal="SIGTERM",
                         execution_id=action.execution_id, tenant=action.tenant)  # fmt: skip
-            _, alive = await asyncio.to_thread(psutil.wait_procs, [process], action.grace_s)
+            _, alive = await asyncio.to_thread(psutil.wait_procs, [found], action.grace_s)
             if alive:
-                process.send_signal(signal.SIGKILL)
+                found.send_signal(signal.SIGKILL)
                 self.sent.append((action.pid, "SIGKILL"))
                 log.warning("execution_killed", pid=action.pid, signal="SIGKILL",
                             execution_id=action.execution_id, tenant=action.tenant)  # fmt: skip
@@ -91,9 +125,10 @@ async def run_ticks(app: web.Application) -> None:
     the daemon was blind for that long and every execution gets a fresh heartbeat grace.
     """
     detectors, ingestor = app[DETECTORS], app[INGESTOR]
-    clock, settings, terminator = app[CLOCK], app[SETTINGS].detectors, app[TERMINATOR]
+    clock, settings, terminator = app[CLOCK], app[SETTINGS].detectors, app[PROCESSES]
     expected = time.monotonic()
     frozen_at = expected
+    last_wall, last_mono = clock(), expected
     while True:
         woke = time.monotonic()
         if woke - frozen_at >= FREEZE_EVERY_S:
@@ -101,10 +136,14 @@ async def run_ticks(app: web.Application) -> None:
             frozen_at = woke
         now = clock()
         lag = max(0.0, woke - expected)
+        # The wall clock jumped ahead of the monotonic one (an NTP step, a suspended host):
+        # deadlines are on the wall clock, so the daemon was as blind as if it had stalled.
+        jump = (now - last_wall) - (woke - last_mono)
+        last_wall, last_mono = now, woke
         detectors.loop_lag_s = lag
-        if lag > settings.blind_lag_s:
+        if lag > settings.blind_lag_s or jump > settings.blind_lag_s:
             detectors.regain_sight(now)
-            log.warning("detector_loop_stalled", lag_s=round(lag, 3))
+            log.warning("detector_was_blind", loop_lag_s=round(lag, 3), clock_jump_s=round(jump, 3))
         await _tick(detectors, ingestor, terminator, now, clock)
         next_due = detectors.next_due()
         sleep = settings.interval_s
@@ -138,7 +177,7 @@ clock, so 10k deadlines falling due at once are announced as they are decided.""
 async def _tick(
     detectors: Detectors,
     ingestor: Ingestor,
-    terminator: Terminator,
+    terminator: ProcessWatch,
     now: float,
     clock: Callable[[], float],
 ) -> None:
@@ -162,32 +201,43 @@ async def _tick(
 
 async def run_sampler(app: web.Application) -> None:
     """Sample the RSS of executions that gave a pid, a bounded number per interval."""
-    detectors, clock = app[DETECTORS], app[CLOCK]
+    detectors, clock, watch = app[DETECTORS], app[CLOCK], app[PROCESSES]
     settings = app[SETTINGS].detectors
     cursor = 0
     while True:
         await asyncio.sleep(settings.memory_sample_interval_s)
         try:
-            cursor = sample_memory(detectors, clock(), settings.memory_samples_max, cursor)
+            cursor = await sample_memory(detectors, watch, clock, settings.memory_samples_max,
+                                         cursor)  # fmt: skip
         except Exception:
             log.exception("memory_sampling_failed")
 
 
-def sample_memory(detectors: Detectors, now: float, most: int, cursor: int) -> int:
-    """Sample up to `most` unfinished executions with a pid, round robin from the serial
-    `cursor`; return where the next round starts. Costs what is sampled, not the fleet."""
-    with_pid = sorted(detectors.registry.with_pid.values(), key=lambda ex: ex.serial)
-    due = [ex for ex in with_pid if ex.serial > cursor][:most]
-    if len(due) < most:
-        due += with_pid[: most - len(due)]
-    for ex in due:
-        assert ex.pid is not None
-        try:
-            rss = psutil.Process(ex.pid).memory_info().rss
-        except psutil.Error:
-            continue
-        detectors.observe_rss(ex, rss, now)
-    return due[-1].serial if due else 0
+async def sample_memory(
+    detectors: Detectors,
+    watch: ProcessWatch,
+    clock: Callable[[], float],
+    most: int,
+    cursor: int,
+) -> int:
+    """Sample up to `most` unfinished executions with a pid, round robin from position
+    `cursor`; return where the next round starts. psutil runs off the event loop."""
+    with_pid = detectors.registry.with_pid
+    keys = list(with_pid)
+    if not keys:
+        return 0
+    start = cursor % len(keys)
+    chosen = (keys[start:] + keys[:start])[:most]
+    targets = [(key, pid) for key in chosen if (pid := with_pid[key].pid) is not None]
+    rss = await asyncio.to_thread(watch.sample, targets)
+    now = clock()
+    for key, pid in targets:
+        ex = with_pid.get(key)
+        value = rss.get(pid)
+        if ex is not None and ex.pid == pid and value is not None:
+            detectors.observe_rss(ex, value, now)
+    watch.forget(set(with_pid))
+    return start + len(chosen)
 
 
 def detector_tasks(app: web.Application) -> AsyncIterator[None]:
@@ -205,4 +255,4 @@ async def _run_tasks(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await app[TERMINATOR].close()
+    await app[PROCESSES].close()

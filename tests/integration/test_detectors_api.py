@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from monitor.server.keys import DETECTORS, INGESTOR
+from monitor.store.memory import MemoryStore
 from monitor.testing import FakeClock, RecordingSink, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client, get, post
@@ -63,7 +64,9 @@ async def test_findings_are_listed_and_shown_on_their_execution(
     sink = RecordingSink()
     client = await make_client({"defaults": {"stall_timeout_s": 5}}, sinks=[sink])
     await post(client, state_event("r", "running", agent="a", progress=1))
-    await tick(client, clock, 5.5)
+    clock.advance(3)
+    await post(client, heartbeat("r", progress=1))  # alive, not advancing
+    await tick(client, clock, 2.5)
     listed = (await get(client, "/v1/findings"))["findings"]
     assert [("r", "a", "stalled")] == [(f["execution_id"], f["agent"], f["kind"]) for f in listed]
     assert ["stalled"] == [f["kind"] for f in (await get(client, "/v1/executions/r"))["findings"]]
@@ -111,7 +114,11 @@ async def test_the_detector_loop_runs_in_the_app(
     make_client: ClientFactory, clock: FakeClock
 ) -> None:
     """With its loop on, the app detects on its own (the loop ticks on the app's clock)."""
-    client = await make_client({"defaults": {"heartbeat_timeout_s": 1}}, run_detectors=True)
+    # blind_lag_s is large: the fake clock jumps, and a jump is otherwise blindness.
+    client = await make_client(
+        {"defaults": {"heartbeat_timeout_s": 1}, "detectors": {"blind_lag_s": 100}},
+        run_detectors=True,
+    )
     await post(client, state_event("r", "running", agent="a"))
     clock.advance(2)
     for _ in range(500):  # the loop wakes at least every 50 ms of real time
@@ -145,3 +152,37 @@ async def test_a_stalled_loop_gives_the_fleet_a_fresh_grace(
     assert detectors.loop_lag_s >= 0.3
     assert "running" == (await get(client, "/v1/executions/r"))["state"]
     assert clock() == detectors.sighted_since
+
+
+async def test_a_restart_gives_recovered_executions_a_fresh_grace(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Replayed from the store after downtime: no one is dead until the grace runs out."""
+    store = MemoryStore()
+    client = await make_client({"defaults": {"heartbeat_timeout_s": 10}}, store=store)
+    await post(client, state_event("r", "running", agent="a"))
+    await client.close()
+    clock.advance(60)  # the daemon was down for a minute
+    restarted = await make_client({"defaults": {"heartbeat_timeout_s": 10}}, store=store)
+    await tick(restarted, clock, 9.9)
+    assert "running" == (await get(restarted, "/v1/executions/r"))["state"]
+    await tick(restarted, clock, 0.2)
+    assert "dead" == (await get(restarted, "/v1/executions/r"))["state"]
+
+
+async def test_a_wall_clock_jump_is_blindness(make_client: ClientFactory, clock: FakeClock) -> None:
+    """An NTP step or a suspended host is not a reason to declare the fleet dead."""
+    client = await make_client(
+        {"defaults": {"heartbeat_timeout_s": 10}, "detectors": {"blind_lag_s": 1}},
+        run_detectors=True,
+    )
+    await post(client, state_event("r", "running", agent="a"))
+    await asyncio.sleep(0.1)
+    spells = client.app[DETECTORS].blind_spells
+    clock.advance(60)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if client.app[DETECTORS].blind_spells > spells:
+            break
+    assert spells + 1 == client.app[DETECTORS].blind_spells
+    assert "running" == (await get(client, "/v1/executions/r"))["state"]

@@ -293,13 +293,52 @@ def test_policy_fail_ends_the_execution() -> None:
     assert "memory_exceeded" == world.registry.stopping[("default", "r")]
 
 
-def test_policy_terminate_asks_to_signal_only_the_executions_pid() -> None:
-    """memory_policy = terminate: a Terminate action for the reported pid, and failed."""
+def test_policy_terminate_signals_only_on_rss_the_daemon_sampled() -> None:
+    """A reported RSS ends the execution like `fail` but signals nothing; the daemon's own
+    sample of the pid is what may lead to a Terminate action, for that pid only."""
     world = memory_world("terminate")
-    world.send(state_event("r", "running", agent="a", pid=4242, rss_bytes=120 * MIB))
+    world.send(state_event("told", "running", agent="a", pid=4242, rss_bytes=120 * MIB))
+    world.send(state_event("seen", "running", agent="a", pid=4343))
+    world.detectors.observe_rss(world.ex("seen"), 120 * MIB, world.clock())
     result = world.at(2.1)
-    assert [(4242, 10.0)] == [(a.pid, a.grace_s) for a in result.actions]
-    assert [("r", S.RUNNING, S.FAILED, "memory_exceeded")] == transitions(result)
+    assert [(4343, 10.0)] == [(a.pid, a.grace_s) for a in result.actions]
+    assert {
+        ("told", S.RUNNING, S.FAILED, "memory_exceeded"),
+        ("seen", S.RUNNING, S.FAILED, "memory_exceeded"),
+    } == set(transitions(result))
+
+
+def test_policy_terminate_without_a_pid_acts_like_fail() -> None:
+    """No pid to signal: the execution still fails and is told to stop."""
+    world = memory_world("terminate")
+    world.send(state_event("r", "running", agent="a", rss_bytes=120 * MIB))
+    assert [("r", S.RUNNING, S.FAILED, "memory_exceeded")] == transitions(world.at(2.1))
+    assert "memory_exceeded" == world.registry.stopping[("default", "r")]
+
+
+def test_a_pid_two_executions_claim_is_never_signalled() -> None:
+    """Ambiguous ownership: fail, but no Terminate action."""
+    world = memory_world("terminate")
+    world.send(state_event("r1", "running", agent="a", pid=4242))
+    world.send(state_event("r2", "running", agent="a", pid=4242))
+    world.detectors.observe_rss(world.ex("r1"), 120 * MIB, world.clock())
+    result = world.at(2.1)
+    assert [] == result.actions
+    assert [("r1", S.RUNNING, S.FAILED, "memory_exceeded")] == transitions(result)
+
+
+def test_time_paused_does_not_count_toward_a_memory_hold() -> None:
+    """Over the limit, paused for long, resumed: the hold starts again after the pause."""
+    world = memory_world("observe")
+    world.send(state_event("r", "running", agent="a", rss_bytes=120 * MIB))
+    world.at(1)
+    world.send(state_event("r", "paused"))
+    assert [] == findings(world.at(100))
+    world.send(state_event("r", "running", rss_bytes=120 * MIB))
+    assert [] == findings(world.at(1.9))
+    assert {("r", "memory_exceeded", True), ("r", "memory_high", True)} == set(
+        findings(world.at(0.2))
+    )
 
 
 def test_a_growth_trend_is_reported_before_the_limit() -> None:
@@ -452,3 +491,95 @@ def test_only_unfinished_executions_with_a_pid_are_sampled() -> None:
     world.send(state_event("c", "running", agent="x", pid=11))
     world.send(state_event("c", "completed"))
     assert [("default", "a")] == list(world.registry.with_pid)
+
+
+def test_a_silent_execution_is_not_stalled_but_dead() -> None:
+    """Stalled means alive without progress; sending nothing at all is for the dead detector."""
+    world = World(defaults={"heartbeat_timeout_s": 30, "stall_timeout_s": 5})
+    world.send(state_event("r", "running", agent="a"))
+    assert [] == findings(world.at(20))
+    assert [("r", S.RUNNING, S.DEAD, "heartbeat")] == transitions(world.at(10.1))
+
+
+def test_a_timeout_after_a_revival_is_dated_after_it() -> None:
+    """Back-dating never puts a transition before the state it leaves began."""
+    world = World(defaults={"heartbeat_timeout_s": 1, "timeout_s": 5})
+    world.send(state_event("r", "running", agent="a"))
+    world.at(2)  # dead at 1
+    world.clock.advance(20)
+    world.send(heartbeat("r"))  # revived at 22, long past the total deadline of 5
+    world.at(0.1)
+    history = [t.at for t in world.ex().history]
+    assert history == sorted(history)
+    assert S.TIMEOUT == world.ex().state
+
+
+def test_a_revival_takes_back_the_failure_the_death_counted() -> None:
+    """Dead, revived, then failed is one failure, not two."""
+    world = World(breaker={"minimum_calls": 2, "failure_rate_threshold": 0.5},
+                  defaults={"heartbeat_timeout_s": 1})  # fmt: skip
+    world.send(state_event("r", "running", agent="a"))
+    world.at(1.5)
+    world.send(heartbeat("r"))
+    world.send(state_event("r", "failed"))
+    breaker = world.detectors.breaker("default", "a")
+    assert ("closed", 1) == (breaker.state, len(breaker.window))
+
+
+def test_a_cancelled_trial_gives_its_slot_back() -> None:
+    """A trial that ends cancelled says nothing; another execution may take its place."""
+    world = breaker_world()
+    for i in range(4):
+        finish(world, f"r{i}", "failed")
+    world.at(31)
+    world.send(state_event("t1", "running", agent="a"))
+    world.send(state_event("t2", "running", agent="a"))
+    assert not world.detectors.breaker("default", "a").allows()
+    world.send(state_event("t1", "cancelled"))
+    assert world.detectors.breaker("default", "a").allows()
+
+
+def test_a_half_open_breaker_that_waits_too_long_reopens() -> None:
+    """Trials that never end cannot hold the breaker half open: it re-opens on time."""
+    world = World(
+        breaker={"minimum_calls": 1, "wait_in_open_s": 10, "permitted_calls_in_half_open": 1,
+                 "max_wait_in_half_open_s": 60},
+    )  # fmt: skip
+    finish(world, "r0", "failed")
+    world.at(10.5)
+    world.send(state_event("stuck", "queued", agent="a"))  # a trial that hangs in pending
+    world.detectors.drain()
+    result = world.at(60)
+    assert [("half_open", "open")] == breaker_moves(result.records)
+
+
+def test_a_late_trial_does_not_judge_a_later_half_open_period() -> None:
+    """A trial belongs to the half-open period that admitted it."""
+    world = World(
+        breaker={"minimum_calls": 1, "wait_in_open_s": 10, "permitted_calls_in_half_open": 1,
+                 "max_wait_in_half_open_s": 5},
+        defaults={"heartbeat_timeout_s": 1000},
+    )  # fmt: skip
+    finish(world, "r0", "failed")
+    world.at(10.5)  # half open (period 1)
+    world.send(state_event("old-trial", "running", agent="a"))
+    world.at(5)  # the period ran out of time: open again
+    world.at(10.5)  # half open (period 2)
+    world.detectors.drain()
+    world.send(state_event("old-trial", "completed"))
+    assert [] == breaker_moves(world.detectors.drain())
+    assert "half_open" == world.detectors.breaker("default", "a").state
+
+
+def test_idle_breakers_are_forgotten_past_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client-chosen agent names cannot grow the breakers without bound."""
+    from monitor.detectors import engine
+
+    monkeypatch.setattr(engine, "MAX_BREAKERS", 100)
+    world = World(breaker={"window_s": 1})
+    for i in range(300):
+        finish(world, f"r{i}", "completed")
+        world.send(state_event(f"x{i}", "running", agent=f"agent-{i}"))
+        world.send(state_event(f"x{i}", "completed"))
+        world.clock.advance(2)  # the time window empties
+    assert len(world.detectors.breakers) <= 100
