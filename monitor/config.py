@@ -105,6 +105,14 @@ class DetectorSettings:
     """Processes sampled at most per interval (round robin), bounding the cost."""
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """What /metrics exports."""
+
+    max_agents: int = 500
+    """Agent label values kept; later agents fold into `__overflow__` (counted)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the daemon is configured with; built by load_settings, never mutated."""
@@ -119,6 +127,7 @@ class Settings:
     breaker: BreakerSettings = BreakerSettings()
     retention: RetentionSettings = RetentionSettings()
     detectors: DetectorSettings = DetectorSettings()
+    metrics: MetricsSettings = MetricsSettings()
     tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     aliases: Mapping[str, ExecState] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -217,7 +226,10 @@ DETECTOR_KEYS: Mapping[str, Check] = {
     "memory_sample_interval_s": _SECONDS,
     "memory_samples_max": _integer(0),
 }
-TABLE_KEYS = ("defaults", "agents", "breaker", "retention", "detectors", "auth", "aliases")
+METRICS_KEYS: Mapping[str, Check] = {"max_agents": _integer(1)}
+TABLE_KEYS = (
+    "defaults", "agents", "breaker", "retention", "detectors", "metrics", "auth", "aliases",
+)  # fmt: skip
 _FLOAT_KEYS = frozenset({"memory_soft_fraction", "failure_rate_threshold"})
 
 
@@ -307,6 +319,9 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         **_table(_sub(raw, "retention", problems), "[retention]", RETENTION_KEYS, problems)
     )
 
+    values["metrics"] = MetricsSettings(
+        **_table(_sub(raw, "metrics", problems), "[metrics]", METRICS_KEYS, problems)
+    )
     values["detectors"] = DetectorSettings(
         **_table(_sub(raw, "detectors", problems), "[detectors]", DETECTOR_KEYS, problems)
     )

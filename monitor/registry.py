@@ -70,6 +70,10 @@ class Registry:
         """Every active finding, by (execution key, finding)."""
         self.with_pid: dict[Key, Execution] = {}
         """Unfinished executions that reported a pid: the ones the daemon samples itself."""
+        self.counts: dict[tuple[str, Kind, ExecState], int] = {}
+        """Executions held, by (agent, kind, state): kept as they change, read at scrape."""
+        self.heartbeats: dict[str, int] = {}
+        """Heartbeats applied, by agent (a counter the metrics read)."""
         self.stopping: dict[Key, str] = {}
         """Executions that should stop, with the reason their next answer's directive gives."""
 
@@ -160,6 +164,9 @@ class Registry:
             event.at, now, self._serial, self._history,
         )  # fmt: skip
         self._executions[key] = ex
+        self._count(ex, state, 1)
+        if event.type is _HEARTBEAT:
+            self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
         self._absorb(ex, event, now)
         self._absorb_detail(ex, event, now)
         ex.phase = event.phase
@@ -197,6 +204,8 @@ class Registry:
             changed = True
         else:
             target, changed = current, False
+        if event.type is _HEARTBEAT:
+            self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
         if event.attributes:
             merged = len(ex.attributes.keys() | event.attributes.keys())
             if merged > MAX_ATTRIBUTES:
@@ -331,6 +340,8 @@ class Registry:
         ex.state = target
         ex.state_since = at
         ex.history.append(transition)
+        self._count(ex, old, -1)
+        self._count(ex, target, 1)
         key = ex.key
         if old is _PAUSED and ex.paused_at is not None:
             ex.paused_s += now - ex.paused_at
@@ -356,6 +367,10 @@ class Registry:
                 ex.run_paused_s = ex.paused_s
         self.dirty[key] = ex
         return transition
+
+    def _count(self, ex: Execution, state: ExecState, delta: int) -> None:
+        bucket = (ex.agent, ex.kind, state)
+        self.counts[bucket] = self.counts.get(bucket, 0) + delta
 
     def _unfinish(self, ex: Execution) -> None:
         """A dead execution showed proof of life: it is no longer finished."""
@@ -398,6 +413,7 @@ class Registry:
                 continue
             key = entry[2]
             ex = self._executions.pop(key)
+            self._count(ex, ex.state, -1)
             for finding in ex.findings:
                 self.findings.pop((key, finding), None)
             self.stopping.pop(key, None)
@@ -453,6 +469,7 @@ class Registry:
         self._serial += 1
         ex = Execution.from_snapshot(snapshot, self._serial, self._history)
         self._executions[ex.key] = ex
+        self._count(ex, ex.state, 1)
         for finding, change in ex.findings.items():
             self.findings[(ex.key, finding)] = change
         if ex.finished_at is not None:

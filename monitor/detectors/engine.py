@@ -79,7 +79,8 @@ class Detectors:
         """Liveness clocks never start before this: the end of the daemon's own blindness."""
         self.not_permitted: Counter[tuple[str, str]] = Counter()
         """Executions registered while their agent's breaker refused them, by (tenant, agent)."""
-        self.failures: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter(dict.fromkeys(CLOCKS, 0))
+        """Detectors that raised, by clock (every clock known from the start)."""
         self.last_tick_at: float | None = None
         self.loop_lag_s = 0.0
         """How late the detector loop last woke (measured by the server's loop)."""

@@ -9,12 +9,13 @@ import orjson
 import structlog
 from aiohttp import web
 
+from exporters.prometheus import render
 from monitor import __version__
 from monitor.errors import Rejection
 from monitor.events import DEFAULT_TENANT, Kind
 from monitor.registry import counts_by_agent
 from monitor.server.ingest import StoreUnavailable
-from monitor.server.keys import CLOCK, DETECTORS, HEALTH, INGESTOR, REGISTRY, SETTINGS
+from monitor.server.keys import CLOCK, DETECTORS, HEALTH, INGESTOR, METRICS, REGISTRY, SETTINGS
 from monitor.server.openapi import document
 from monitor.states import FINAL, LIVE, ExecState
 
@@ -248,6 +249,12 @@ async def cancel_execution(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text, or OpenMetrics (with exemplars) when the Accept asks."""
+    body, content_type = await render(request.app[METRICS], request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the event loop answers."""
     return respond({"status": "ok", "version": __version__})
@@ -270,7 +277,14 @@ async def landing(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     links = "".join(
         f'<li><a href="{path}">{path}</a></li>'
-        for path in ("/v1/executions", "/v1/agents", "/v1/findings", "/openapi.json", "/readyz")
+        for path in (
+            "/v1/executions",
+            "/v1/agents",
+            "/v1/findings",
+            "/metrics",
+            "/openapi.json",
+            "/readyz",
+        )
     )
     html = (
         f"<!doctype html><html><head><title>execwatch</title></head><body>"

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from exporters.prometheus import AgentLabels, ExecwatchCollector, MetricsSink, metrics_registry
+from exporters.traces import TraceIds
 from monitor.config import Settings
 from monitor.detectors.engine import Detectors
 from monitor.registry import Registry
@@ -19,6 +21,7 @@ from monitor.server.keys import (
     DETECTORS,
     HEALTH,
     INGESTOR,
+    METRICS,
     PROCESSES,
     REGISTRY,
     SETTINGS,
@@ -51,6 +54,7 @@ ROUTES: Sequence[Route] = (
     Route("GET", "/v1/agents", api.list_agents),
     Route("GET", "/v1/breakers/{agent}", api.get_breaker),
     Route("GET", "/v1/findings", api.list_findings),
+    Route("GET", "/metrics", api.metrics),
     Route("GET", "/healthz", api.healthz),
     Route("GET", "/readyz", api.readyz),
     Route("GET", "/openapi.json", api.openapi),
@@ -80,9 +84,20 @@ def make_app(
     app[CLOCK] = clock
     app[HEALTH] = Health()
     app[PROCESSES] = ProcessWatch()
-    app[INGESTOR] = Ingestor(
-        detectors, store, StateNames(settings.aliases), sinks, settings.max_batch_events
+    traces = TraceIds()
+    ingestor = Ingestor(
+        detectors, store, StateNames(settings.aliases), (), settings.max_batch_events
     )
+    app[INGESTOR] = ingestor
+    metrics_sink = MetricsSink(
+        AgentLabels(settings.metrics.max_agents),
+        created_at=lambda key: None if (ex := registry.by_key(key)) is None else ex.created_at,
+        trace_id=lambda key: traces.trace_id(key, registry.by_key(key)),
+    )
+    app[METRICS] = metrics_registry(
+        ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock)
+    )
+    ingestor.set_sinks([metrics_sink, *sinks])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)  # type: ignore[arg-type]
     app.cleanup_ctx.append(_lifecycle)

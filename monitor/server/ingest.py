@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -15,6 +14,7 @@ from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import EventType, decode_body, parse_event
 from monitor.model import Key
 from monitor.states import StateNames
+from monitor.stats import IngestStats
 from monitor.store import Changes, Store
 
 log = structlog.get_logger("execwatch.ingest")
@@ -31,25 +31,19 @@ the heartbeats of everyone else."""
 
 
 @dataclass(slots=True)
-class IngestStats:
-    """Counts of what the ingest path saw; the Prometheus exporter reads them at scrape."""
-
-    received: Counter[str] = field(default_factory=Counter)
-    """Events by `type` ("invalid" when the event could not be parsed)."""
-    rejected: Counter[str] = field(default_factory=Counter)
-    """Rejected events (and bodies) by reason."""
-    duplicates: int = 0
-    accepted: int = 0
-    store_failures: int = 0
-    sink_failures: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(slots=True)
 class IngestResult:
     """The answer to one POST /v1/events."""
 
     status: int
     body: dict[str, Any]
+
+
+def sink_name(sink: Sink) -> str:
+    """A sink's name for metrics and logs: its class, or its function's name."""
+    name = getattr(sink, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(sink, "__qualname__", type(sink).__name__)
 
 
 class StoreUnavailable(Exception):
@@ -78,9 +72,16 @@ class Ingestor:
         self.registry = detectors.registry
         self.store = store
         self.names = names
-        self.sinks = list(sinks)
         self.max_batch_events = max_batch_events
         self.stats = IngestStats()
+        self.sinks: list[Sink] = []
+        self.set_sinks(sinks)
+
+    def set_sinks(self, sinks: Sequence[Sink]) -> None:
+        """Feed records to `sinks`, in order; their failure counts start at 0."""
+        self.sinks = list(sinks)
+        for sink in self.sinks:
+            self.stats.sink_failures.setdefault(sink_name(sink), 0)
 
     async def ingest(
         self, body: bytes, content_type: str, now: float, tenant: str | None = None
@@ -103,6 +104,7 @@ class Ingestor:
         rejected: list[dict[str, Any]] = []
         named: dict[Key, None] = {}
         records: list[Record] = []
+        newest_ts = None
         for index, item in enumerate(items):
             if index and not index % YIELD_EVERY:
                 await asyncio.sleep(0)
@@ -133,6 +135,8 @@ class Ingestor:
                 continue
             if event.type is _HEARTBEAT:
                 heartbeats += 1
+            if event.at != now and (newest_ts is None or event.at > newest_ts):
+                newest_ts = event.at
             if stopping:
                 key = (event.tenant, event.execution_id)
                 if key in stopping:
@@ -143,6 +147,8 @@ class Ingestor:
         stats.received.update(heartbeat=heartbeats, state=states, invalid=invalid)
         stats.accepted += accepted
         stats.duplicates += duplicates
+        if newest_ts is not None:
+            stats.ingest_lag_s = max(0.0, now - newest_ts)
         registry.evict(now)
 
         await self.commit(records)
@@ -191,6 +197,6 @@ class Ingestor:
             try:
                 sink(records)
             except Exception:
-                name = getattr(sink, "__qualname__", type(sink).__name__)
+                name = sink_name(sink)
                 self.stats.sink_failures[name] += 1
                 log.exception("sink_failed", sink=name)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings
 from monitor.detectors.engine import Detectors
@@ -30,4 +31,5 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 HEALTH = web.AppKey("health", Health)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 DETECTORS = web.AppKey("detectors", Detectors)
+METRICS = web.AppKey("metrics", CollectorRegistry)
 PROCESSES: web.AppKey[Any] = web.AppKey("processes")  # scheduler.ProcessWatch (which imports keys)

@@ -346,6 +346,19 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "description": "Prometheus text format, or OpenMetrics with trace_id exemplars on "
+            "the duration histogram when the Accept header asks for it.",
+            "responses": {
+                "200": {
+                    "description": "The exposition",
+                    "content": {"text/plain": {}, "application/openmetrics-text": {}},
+                }
+            },
+        }
+    },
     "/healthz": {
         "get": {
             "summary": "Liveness",

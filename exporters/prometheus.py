@@ -1,0 +1,454 @@
+"""Prometheus: one collector over the live state and the counted records, per app.
+
+Gauges are read from the registry and detectors at scrape time. Counters and
+histograms count true events, either from the records every batch produces (the
+sink) or from the plain counters the ingest path keeps. Everything renders through
+prometheus_client from one CollectorRegistry per app. Labels are bounded: `agent`
+is capped (the rest fold into `__overflow__`, counted), and no execution id or
+tenant is ever a label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    Exemplar,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from monitor import __version__
+from monitor.detectors.breaker import BreakerState, BreakerTransition
+from monitor.detectors.engine import Detectors, Record
+from monitor.model import FindingChange, Transition
+from monitor.states import LIVE, TERMINAL, ExecState
+from monitor.stats import IngestStats
+
+OVERFLOW = "__overflow__"
+STATES = [s.value for s in ExecState if s in LIVE or s is ExecState.DEAD]
+"""The states `execwatch_executions` reports: the live ones, and dead."""
+FINISHED = [s.value for s in ExecState if s in TERMINAL]
+BREAKER_STATES = [s.value for s in BreakerState]
+DETECTOR = {
+    "start_timeout": "timeout",
+    "run_timeout": "timeout",
+    "total_timeout": "timeout",
+    "heartbeat": "heartbeat",
+    "stalled": "stall",
+    "memory_high": "memory",
+    "memory_exceeded": "memory",
+    "memory_trend": "memory",
+    "circuit_open": "breaker",
+}
+"""Every detection reason and the detector that makes it."""
+FINDINGS = ["stalled", "memory_high", "memory_exceeded", "memory_trend"]
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+"""Executions run seconds to hours."""
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Detection lag: the target is 0.1 s at p99, the promise 0.5 s."""
+MAX_OVERFLOWED = 100_000
+"""Distinct overflowed agent names remembered for the overflow count (then it saturates)."""
+
+
+class AgentLabels:
+    """Maps agent names to label values: the first `cap` seen keep their name."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._known: set[str] = set()
+        self._overflowed: set[str] = set()
+
+    def __call__(self, agent: str) -> str:
+        if agent in self._known:
+            return agent
+        if len(self._known) < self.cap:
+            self._known.add(agent)
+            return agent
+        if len(self._overflowed) < MAX_OVERFLOWED:
+            self._overflowed.add(agent)
+        return OVERFLOW
+
+    @property
+    def overflowed(self) -> int:
+        """Distinct agent names folded into `__overflow__` so far."""
+        return len(self._overflowed)
+
+
+class Histogram:
+    """Bucket counts, sum and the latest exemplar per bucket, for one label set."""
+
+    __slots__ = ("bounds", "counts", "exemplars", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
+        index = bisect.bisect_left(self.bounds, value)
+        self.counts[index] += 1
+        self.total += value
+        if exemplar:
+            self.exemplars[index] = Exemplar(exemplar, value, time.time())
+
+    def buckets(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+        cumulative = 0
+        out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+        for bound, count, exemplar in zip(
+            [*map(_float, self.bounds), "+Inf"], self.counts, self.exemplars, strict=True
+        ):
+            cumulative += count
+            if exemplar is None:
+                out.append((bound, float(cumulative)))
+            else:
+                out.append((bound, float(cumulative), exemplar))
+        return out
+
+
+def _float(value: float) -> str:
+    return repr(float(value))
+
+
+class MetricsSink:
+    """Counts the true events in every batch of records (a sink of the ingest path)."""
+
+    name = "prometheus"
+
+    def __init__(
+        self,
+        labels: AgentLabels,
+        created_at: Callable[[tuple[str, str]], float | None],
+        trace_id: Callable[[tuple[str, str]], str | None],
+    ) -> None:
+        self.labels = labels
+        self._created_at = created_at
+        self._trace_id = trace_id
+        self.started: dict[tuple[str, str], int] = {}
+        self.finished: dict[tuple[str, str, str], int] = {}
+        self.detections: dict[tuple[str, str, str], int] = {}
+        self.revivals: dict[str, int] = {}
+        self.durations: dict[tuple[str, str, str], Histogram] = {}
+        self.lags: dict[str, Histogram] = {
+            d: Histogram(LAG_BUCKETS) for d in set(DETECTOR.values())
+        }
+
+    def __call__(self, records: Sequence[Record]) -> None:
+        for record in records:
+            if type(record) is Transition:
+                self._transition(record)
+            elif type(record) is FindingChange:
+                if record.raised:
+                    agent = self.labels(record.agent)
+                    self._detected(agent, record.finding, record.detected_at - record.since)
+            elif type(record) is BreakerTransition and record.new is BreakerState.OPEN:
+                agent = self.labels(record.agent)
+                self._detected(agent, "circuit_open", record.detected_at - record.at)
+
+    def _transition(self, t: Transition) -> None:
+        agent, kind = self.labels(t.agent), t.kind.value
+        if t.old is None:
+            self._known(agent, kind)
+            self.started[(agent, kind)] += 1
+        if t.new in TERMINAL and (t.old is None or t.old in LIVE or t.revived):
+            self._known(agent, kind)
+            state = t.new.value
+            self.finished[(agent, kind, state)] += 1
+            created = self._created_at(t.key)
+            if created is not None:
+                trace_id = self._trace_id(t.key)
+                histogram = self.durations.get((agent, kind, state))
+                if histogram is None:
+                    histogram = self.durations[(agent, kind, state)] = Histogram(DURATION_BUCKETS)
+                histogram.observe(
+                    max(0.0, t.at - created), {"trace_id": trace_id} if trace_id else None
+                )
+        if t.revived:
+            self.revivals[agent] = self.revivals.get(agent, 0) + 1
+        if t.reason is not None and t.detected_at is not None:
+            self._detected(agent, t.reason, t.detected_at - t.at)
+
+    def _known(self, agent: str, kind: str) -> None:
+        """Known series start at 0: an agent's counters exist from its first execution."""
+        if (agent, kind) in self.started:
+            return
+        self.started[(agent, kind)] = 0
+        for state in FINISHED:
+            self.finished[(agent, kind, state)] = 0
+        for reason, detector in DETECTOR.items():
+            self.detections.setdefault((agent, detector, reason), 0)
+        self.revivals.setdefault(agent, 0)
+
+    def _detected(self, agent: str, reason: str, lag: float) -> None:
+        detector = DETECTOR.get(reason, reason)
+        key = (agent, detector, reason)
+        self.detections[key] = self.detections.get(key, 0) + 1
+        self.lags[detector].observe(max(0.0, lag))
+
+
+class ExecwatchCollector(Collector):
+    """Builds every execwatch family from a fresh look at the state: never stale series."""
+
+    def __init__(
+        self,
+        detectors: Detectors,
+        stats: IngestStats,
+        sink: MetricsSink,
+        clock: Callable[[], float],
+    ) -> None:
+        self.detectors = detectors
+        self.registry = detectors.registry
+        self.stats = stats
+        self.sink = sink
+        self.clock = clock
+        self.collect_duration_s = 0.0
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no collect() at registration
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        yield from self._state()
+        yield from self._events()
+        yield from self._detector_health()
+        self.collect_duration_s = time.perf_counter() - started
+        yield GaugeMetricFamily(
+            "execwatch_collect_duration_seconds",
+            "Seconds the last scrape took to read the state (the render is not included).",
+            value=self.collect_duration_s,
+        )
+
+    def _state(self) -> Iterator[Metric]:
+        labels, registry = self.sink.labels, self.registry
+        build = GaugeMetricFamily(
+            "execwatch_build_info", "The running version.", labels=["version"]
+        )
+        build.add_metric([__version__], 1)
+        yield build
+
+        by_group: dict[tuple[str, str], dict[str, int]] = {}
+        for (agent, kind, state), count in registry.counts.items():
+            group = by_group.setdefault((labels(agent), kind.value), {})
+            group[state.value] = group.get(state.value, 0) + count
+        executions = GaugeMetricFamily(
+            "execwatch_executions",
+            "Executions held now, by agent, kind and state (live states and dead; 0s included).",
+            labels=["agent", "kind", "state"],
+        )
+        for (agent_label, kind_label), per_state in sorted(by_group.items()):
+            for name in STATES:
+                executions.add_metric([agent_label, kind_label, name], per_state.get(name, 0))
+        yield executions
+
+        findings: dict[tuple[str, str], int] = {}
+        for change in registry.findings.values():
+            key = (labels(change.agent), change.finding)
+            findings[key] = findings.get(key, 0) + 1
+        family = GaugeMetricFamily(
+            "execwatch_findings", "Active detector findings, by agent and finding.",
+            labels=["agent", "finding"],
+        )  # fmt: skip
+        for (agent, finding), count in sorted(findings.items()):
+            family.add_metric([agent, finding], count)
+        yield family
+
+        oldest: dict[str, float] = {}
+        for ex in registry:
+            if ex.state in LIVE:
+                agent = labels(ex.agent)
+                seen = oldest.get(agent)
+                if seen is None or ex.last_heartbeat_at < seen:
+                    oldest[agent] = ex.last_heartbeat_at
+        family = GaugeMetricFamily(
+            "execwatch_oldest_heartbeat_timestamp_seconds",
+            "Unix time of the oldest last heartbeat among an agent's live executions.",
+            labels=["agent"],
+        )
+        for agent, at in sorted(oldest.items()):
+            family.add_metric([agent], at)
+        yield family
+
+        yield from self._breakers()
+
+    def _breakers(self) -> Iterator[Metric]:
+        labels, now = self.sink.labels, self.clock()
+        state = GaugeMetricFamily(
+            "execwatch_circuit_breaker_state",
+            "1 for each breaker's current state, 0 for the others.",
+            labels=["agent", "state"],
+        )
+        rate = GaugeMetricFamily(
+            "execwatch_circuit_breaker_failure_rate",
+            "Failure rate (0-1) over each breaker's sliding window.",
+            labels=["agent"],
+        )
+        folded: dict[str, tuple[str, float]] = {}
+        order = {s: i for i, s in enumerate(BREAKER_STATES)}
+        for breaker in self.detectors.breakers.values():
+            agent = labels(breaker.agent)
+            current = (breaker.state.value, breaker.rate(now))
+            kept = folded.get(agent)
+            # Several breakers under one label (tenants, overflow): show the worst.
+            if kept is None or order[current[0]] > order[kept[0]]:
+                folded[agent] = current
+        for agent, (now_in, failure_rate) in sorted(folded.items()):
+            for name in BREAKER_STATES:
+                state.add_metric([agent, name], 1.0 if name == now_in else 0.0)
+            rate.add_metric([agent], failure_rate)
+        yield state
+        yield rate
+        refused = CounterMetricFamily(
+            "execwatch_circuit_breaker_not_permitted_calls",
+            "Executions registered while their agent's breaker refused them.",
+            labels=["agent"],
+        )
+        counts: dict[str, int] = {}
+        for (_, agent), count in self.detectors.not_permitted.items():
+            counts[labels(agent)] = counts.get(labels(agent), 0) + count
+        for agent in folded:
+            counts.setdefault(agent, 0)
+        for agent, count in sorted(counts.items()):
+            refused.add_metric([agent], count)
+        yield refused
+
+    def _events(self) -> Iterator[Metric]:
+        sink, stats, labels = self.sink, self.stats, self.sink.labels
+        yield _counter(
+            "execwatch_executions_started", "Executions registered.", ["agent", "kind"],
+            sink.started,
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_executions_finished",
+            "Executions that reached a terminal state (dead included).",
+            ["agent", "kind", "state"], sink.finished,
+        )  # fmt: skip
+        duration = HistogramMetricFamily(
+            "execwatch_execution_duration_seconds",
+            "Seconds from an execution's first event to its terminal state.",
+            labels=["agent", "kind", "state"],
+        )
+        for key, histogram in sorted(sink.durations.items()):
+            duration.add_metric(list(key), histogram.buckets(), histogram.total)
+        yield duration
+        heartbeats: dict[str, int] = {}
+        for agent, count in self.registry.heartbeats.items():
+            heartbeats[labels(agent)] = heartbeats.get(labels(agent), 0) + count
+        for agent, _ in sink.started:
+            heartbeats.setdefault(agent, 0)
+        yield _counter("execwatch_heartbeats", "Heartbeats applied.", ["agent"], heartbeats)
+        yield _counter(
+            "execwatch_detections",
+            "Detections, by agent, detector and reason (timeouts, deaths, findings, breakers).",
+            ["agent", "detector", "reason"], sink.detections,
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_revivals", "Dead executions that showed proof of life (false deaths).",
+            ["agent"], sink.revivals,
+        )  # fmt: skip
+        received = {t: stats.received.get(t, 0) for t in ("state", "heartbeat", "invalid")}
+        yield _counter("execwatch_events_received", "Events received.", ["type"], received)
+        yield _counter(
+            "execwatch_events_rejected", "Events (or bodies) rejected, by reason.", ["reason"],
+            dict(stats.rejected),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "execwatch_events_duplicate", "Events acknowledged as duplicates of an event_id.",
+            value=stats.duplicates,
+        )  # fmt: skip
+        lag = HistogramMetricFamily(
+            "execwatch_detection_lag_seconds",
+            "Seconds from a deadline to its detection.", labels=["detector"],
+        )  # fmt: skip
+        for detector, histogram in sorted(sink.lags.items()):
+            lag.add_metric([detector], histogram.buckets(), histogram.total)
+        yield lag
+        yield GaugeMetricFamily(
+            "execwatch_ingest_lag_seconds",
+            "Receipt time minus ts of the newest event that carried one, in the last batch.",
+            value=stats.ingest_lag_s,
+        )
+        yield _counter(
+            "execwatch_sink_failures", "Exceptions raised by an exporter fed by the ingest path.",
+            ["sink"], dict(stats.sink_failures),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "execwatch_store_commit_failures", "Commits the store failed (answered 503).",
+            value=stats.store_failures,
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_metrics_label_overflow",
+            "Distinct values folded into __overflow__ because a label hit its cap.",
+            ["label"], {"agent": labels.overflowed},
+        )  # fmt: skip
+
+    def _detector_health(self) -> Iterator[Metric]:
+        detectors = self.detectors
+        yield GaugeMetricFamily(
+            "execwatch_detector_last_tick_timestamp_seconds",
+            "Unix time of the detector loop's last sweep (its watchdog).",
+            value=detectors.last_tick_at or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "execwatch_detector_loop_lag_seconds",
+            "How late the detector loop last woke up.",
+            value=detectors.loop_lag_s,
+        )
+        yield CounterMetricFamily(
+            "execwatch_detector_blind_spells",
+            "Times the daemon regained sight (start-up, a stalled loop, a clock jump).",
+            value=detectors.blind_spells,
+        )
+        yield _counter(
+            "execwatch_detector_failures", "Detectors that raised, by clock.", ["detector"],
+            dict(detectors.failures),
+        )  # fmt: skip
+
+
+def _counter(
+    name: str, documentation: str, label_names: list[str], values: dict[Any, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=label_names)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
+
+
+class FrozenCollector(Collector):
+    """Families already built: rendering them can happen off the event loop."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def metrics_registry(collector: ExecwatchCollector) -> CollectorRegistry:
+    """A registry of its own (never the global one), with the process and Python metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+async def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The exposition for `accept` (OpenMetrics when asked, so exemplars show). The state is
+    read on the event loop; the text is rendered in a worker thread."""
+    encoder, content_type = choose_encoder(accept)
+    families = list(registry.collect())
+    frozen = CollectorRegistry(auto_describe=False)
+    frozen.register(FrozenCollector(families))
+    body = await asyncio.to_thread(encoder, frozen)
+    return body, content_type
