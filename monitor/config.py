@@ -122,6 +122,9 @@ class Settings:
     database: str = "execwatch.db"
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch_events: int = 10000
+    log_level: str = "info"
+    log_format: str = "auto"
+    """json, console, or auto (console on a terminal, JSON lines otherwise)."""
     defaults: Limits = DEFAULT_LIMITS
     agents: Mapping[str, Limits] = field(default_factory=lambda: MappingProxyType({}))
     breaker: BreakerSettings = BreakerSettings()
@@ -219,6 +222,8 @@ SCALAR_KEYS: Mapping[str, Check] = {
     "database": _string,
     "max_body_bytes": _integer(1024),
     "max_batch_events": _integer(1),
+    "log_level": _choice(("debug", "info", "warning", "error")),
+    "log_format": _choice(("auto", "json", "console")),
 }
 DETECTOR_KEYS: Mapping[str, Check] = {
     "interval_s": _number(0.0, maximum=10.0),
@@ -292,7 +297,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
             values["host"], values["port"] = parse_listen(top["listen"])
         except ValueError as exc:
             problems.append(str(exc))
-    for key in ("database", "max_body_bytes", "max_batch_events"):
+    for key in ("database", "max_body_bytes", "max_batch_events", "log_level", "log_format"):
         if key in top:
             values[key] = top[key]
 
@@ -377,7 +382,7 @@ def _env_value(text: str) -> object:
         return text
 
 
-_STRING_KEYS = frozenset({"listen", "database", "memory_policy"})
+_STRING_KEYS = frozenset({"listen", "database", "memory_policy", "log_level", "log_format"})
 
 
 def _env_layer(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any]:

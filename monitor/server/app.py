@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from exporters.logs import LogSink
 from exporters.prometheus import AgentLabels, ExecwatchCollector, MetricsSink, metrics_registry
 from exporters.traces import TraceIds
 from monitor.config import Settings
@@ -97,7 +98,7 @@ def make_app(
     app[METRICS] = metrics_registry(
         ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock)
     )
-    ingestor.set_sinks([metrics_sink, *sinks])
+    ingestor.set_sinks([metrics_sink, LogSink(traces, registry.by_key), *sinks])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)  # type: ignore[arg-type]
     app.cleanup_ctx.append(_lifecycle)

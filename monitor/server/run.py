@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import sys
 
 import structlog
 from aiohttp import web
 
+from exporters.logs import AccessLogger, configure_logging
 from monitor.config import Settings
 from monitor.errors import ConfigError
 from monitor.server.app import make_app
@@ -52,7 +54,11 @@ async def run(settings: Settings) -> None:
     """Serve `settings` until a signal asks to stop."""
     app = make_app(settings)
     runner = web.AppRunner(
-        app, handle_signals=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+        app,
+        handle_signals=True,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("aiohttp.access"),
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -79,6 +85,7 @@ async def run(settings: Settings) -> None:
 def serve(settings: Settings, *, insecure: bool = False) -> None:
     """Check the exposure, then run until SIGTERM or SIGINT (a clean exit, status 0)."""
     check_exposure(settings, insecure)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.database != ":memory:":
         log.warning(
             "store_in_memory",
