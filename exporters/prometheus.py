@@ -381,6 +381,10 @@ class ExecwatchCollector(Collector):
             "execwatch_sink_failures", "Exceptions raised by an exporter fed by the ingest path.",
             ["sink"], dict(stats.sink_failures),
         )  # fmt: skip
+        yield _counter(
+            "execwatch_exporter_failures", "Exports a backend refused or could not take.",
+            ["exporter"], dict(stats.exporter_failures),
+        )  # fmt: skip
         yield CounterMetricFamily(
             "execwatch_store_commit_failures", "Commits the store failed (answered 503).",
             value=stats.store_failures,

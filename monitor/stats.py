@@ -19,6 +19,8 @@ class IngestStats:
     store_failures: int = 0
     sink_failures: Counter[str] = field(default_factory=Counter)
     """Exceptions raised by a sink (an exporter), by sink name."""
+    exporter_failures: Counter[str] = field(default_factory=Counter)
+    """Exports a backend failed (OTLP down, ...), by exporter."""
     ingest_lag_s: float = 0.0
     """Receipt time minus `ts` of the newest event that carried a `ts` in the last batch that
     had one: how far behind the senders' reports arrive (buffering, retries, clock skew)."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from exporters.logs import LogSink
+from exporters.otel import SpanSink, make_tracer_provider
 from exporters.prometheus import AgentLabels, ExecwatchCollector, MetricsSink, metrics_registry
 from exporters.traces import TraceIds
 from monitor.config import Settings
@@ -26,6 +29,7 @@ from monitor.server.keys import (
     PROCESSES,
     REGISTRY,
     SETTINGS,
+    SPANS,
     STORE,
     Health,
 )
@@ -69,10 +73,14 @@ def make_app(
     clock: Callable[[], float] = time.time,
     sinks: Sequence[Sink] = (),
     run_detectors: bool = True,
+    otel_environ: Mapping[str, str] | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> web.Application:
     """Build the daemon's app. `clock` is the only source of "now" for everything below.
 
     With `run_detectors=False` no loop ticks: tests drive `app[DETECTORS].tick(now)`.
+    Traces are exported when `otel_environ` (the OTEL_* variables) asks for them, or to
+    `span_exporter` (tests).
     """
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[api.json_errors])
     registry = Registry(settings)
@@ -98,13 +106,26 @@ def make_app(
     app[METRICS] = metrics_registry(
         ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock)
     )
-    ingestor.set_sinks([metrics_sink, LogSink(traces, registry.by_key), *sinks])
+    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key)]
+    provider = make_tracer_provider(otel_environ or {}, ingestor.stats, span_exporter)
+    if provider is not None:
+        span_sink = SpanSink(provider, traces, registry.by_key)
+        exporters.insert(0, span_sink)  # first: the others read the trace ids it assigns
+        app[SPANS] = span_sink
+        app.cleanup_ctx.append(_flush_spans)
+    ingestor.set_sinks([*exporters, *sinks])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)  # type: ignore[arg-type]
     app.cleanup_ctx.append(_lifecycle)
     if run_detectors:
         app.cleanup_ctx.append(detector_tasks)
     return app
+
+
+async def _flush_spans(app: web.Application) -> AsyncIterator[None]:
+    """At shutdown, export the spans of executions still running, and flush."""
+    yield
+    await asyncio.to_thread(app[SPANS].close)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -32,4 +32,5 @@ HEALTH = web.AppKey("health", Health)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 DETECTORS = web.AppKey("detectors", Detectors)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+SPANS: web.AppKey[Any] = web.AppKey("spans")  # exporters.otel.SpanSink, when tracing is on
 PROCESSES: web.AppKey[Any] = web.AppKey("processes")  # scheduler.ProcessWatch (which imports keys)

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from exporters.logs import AccessLogger, configure_logging
+from exporters.otel import tracing_environ
 from monitor.config import Settings
 from monitor.errors import ConfigError
 from monitor.server.app import make_app
@@ -52,7 +53,7 @@ def check_exposure(settings: Settings, insecure: bool) -> None:
 
 async def run(settings: Settings) -> None:
     """Serve `settings` until a signal asks to stop."""
-    app = make_app(settings)
+    app = make_app(settings, otel_environ=tracing_environ())
     runner = web.AppRunner(
         app,
         handle_signals=True,

@@ -1,0 +1,415 @@
+"""OpenTelemetry: one span per execution, from its first event to its final state.
+
+A live execution holds no SDK span: its ids are chosen when it registers (so logs,
+exemplars and child executions can use them at once) and its span events wait in a
+small record. When it ends, the span is created back-dated to its first event, given
+its events, status and end time, and exported in one go by a BatchSpanProcessor.
+At shutdown, executions still running are exported as truncated spans.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from exporters.traces import TraceIds
+from monitor import __version__
+from monitor.detectors.engine import Record
+from monitor.events import Kind
+from monitor.model import Execution, FindingChange, Key, Transition
+from monitor.states import TERMINAL, ExecState
+from monitor.stats import IngestStats
+
+log = structlog.get_logger("execwatch.otel")
+
+MAX_EVENTS = 128
+"""Span events kept per execution (the SDK's default limit): heartbeats never add one."""
+_OPERATION = {
+    Kind.AGENT: "invoke_agent",
+    Kind.TOOL: "execute_tool",
+    Kind.WORKFLOW: "invoke_workflow",
+    Kind.JOB: "execution",
+}
+_NAME_ATTRIBUTE = {
+    Kind.AGENT: "gen_ai.agent.name",
+    Kind.TOOL: "gen_ai.tool.name",
+    Kind.WORKFLOW: "gen_ai.workflow.name",
+}
+_ERRORS = frozenset({ExecState.FAILED, ExecState.TIMEOUT, ExecState.DEAD})
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+class PresetIds(IdGenerator):
+    """Random ids, except for the span being created right now, whose ids were chosen when
+    its execution registered."""
+
+    def __init__(self) -> None:
+        self.random = RandomIdGenerator()
+        self.next_trace_id: int | None = None
+        self.next_span_id: int | None = None
+
+    def generate_span_id(self) -> int:
+        preset, self.next_span_id = self.next_span_id, None
+        return preset if preset is not None else self.random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        preset, self.next_trace_id = self.next_trace_id, None
+        return preset if preset is not None else self.random.generate_trace_id()
+
+
+class CountingExporter(SpanExporter):
+    """Counts (and logs) failed exports: a backend that is down must show in /metrics."""
+
+    def __init__(self, inner: SpanExporter, stats: IngestStats, name: str) -> None:
+        self.inner = inner
+        self.stats = stats
+        self.name = name
+        stats.exporter_failures.setdefault(name, 0)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:
+            log.exception("span_export_failed", exporter=self.name, spans=len(spans))
+            result = SpanExportResult.FAILURE
+        else:
+            if result is SpanExportResult.FAILURE:
+                log.warning("span_export_failed", exporter=self.name, spans=len(spans))
+        if result is SpanExportResult.FAILURE:
+            self.stats.exporter_failures[self.name] += 1
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+def make_tracer_provider(
+    environ: Mapping[str, str],
+    stats: IngestStats,
+    exporter: SpanExporter | None = None,
+) -> TracerProvider | None:
+    """A provider when the standard OTEL_* variables ask for traces (or `exporter` is given,
+    as tests do), else None. OTLP/HTTP protobuf through a BatchSpanProcessor; the SDK reads
+    OTEL_EXPORTER_OTLP_*, OTEL_BSP_*, OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    configured = any(
+        name in environ
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    choice = environ.get("OTEL_TRACES_EXPORTER", "otlp" if configured else "none")
+    if exporter is None and choice == "none":
+        return None
+    resource = Resource.create(_resource_attributes(environ))
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "execwatch"}))
+    provider = TracerProvider(resource=resource, id_generator=PresetIds())
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return provider
+    if choice == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        inner: SpanExporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        inner = OTLPSpanExporter(
+            endpoint=_endpoint(environ),
+            timeout=_number(
+                environ, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"
+            ),
+            headers=_headers(environ),
+        )
+    processor = BatchSpanProcessor(
+        CountingExporter(inner, stats, choice),
+        schedule_delay_millis=_number(environ, "OTEL_BSP_SCHEDULE_DELAY"),
+        max_queue_size=_integer(environ, "OTEL_BSP_MAX_QUEUE_SIZE"),
+        max_export_batch_size=_integer(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+        export_timeout_millis=_number(environ, "OTEL_BSP_EXPORT_TIMEOUT"),
+    )
+    provider.add_span_processor(processor)
+    return provider
+
+
+# The SDK reads these from os.environ itself; reading them from the mapping we are given
+# keeps make_app free of the process environment (and lets tests point it at a receiver).
+
+
+def _endpoint(environ: Mapping[str, str]) -> str | None:
+    if "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in environ:
+        return environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]  # used as it is
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return None if base is None else base.rstrip("/") + "/v1/traces"
+
+
+def _number(environ: Mapping[str, str], *names: str) -> Any:
+    for name in names:
+        if name in environ:
+            try:
+                return float(environ[name])
+            except ValueError:
+                log.warning("otel_setting_ignored", variable=name, value=environ[name])
+    return None
+
+
+def _integer(environ: Mapping[str, str], name: str) -> int | None:
+    value = _number(environ, name)
+    return None if value is None else int(value)
+
+
+def _headers(environ: Mapping[str, str]) -> dict[str, str] | None:
+    text = environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS", environ.get("OTEL_EXPORTER_OTLP_HEADERS")
+    )
+    if not text:
+        return None
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _resource_attributes(environ: Mapping[str, str]) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            attributes[key.strip()] = value.strip()
+    if "OTEL_SERVICE_NAME" in environ:
+        attributes["service.name"] = environ["OTEL_SERVICE_NAME"]
+    return attributes
+
+
+class Pending:
+    """An execution's span before it ends: its identity and its events so far."""
+
+    __slots__ = (
+        "attributes",
+        "events",
+        "links",
+        "name",
+        "parent",
+        "span_id",
+        "start_ns",
+        "trace_id",
+    )
+
+    def __init__(
+        self, name: str, start_ns: int, parent: Context | None, trace_id: int, span_id: int
+    ) -> None:
+        self.name = name
+        self.start_ns = start_ns
+        self.parent = parent
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.attributes: dict[str, Any] = {}
+        self.events: list[tuple[str, dict[str, Any], int]] = []
+        self.links: list[Link] = []
+
+
+class SpanSink:
+    """Turns the records of every batch into spans (a sink of the ingest path)."""
+
+    name = "otel"
+
+    def __init__(
+        self,
+        provider: TracerProvider,
+        traces: TraceIds,
+        lookup: Callable[[Key], Execution | None],
+    ) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("execwatch", __version__)
+        ids = provider.id_generator
+        self.ids = ids if isinstance(ids, PresetIds) else None
+        self.random = RandomIdGenerator()
+        self.traces = traces
+        self.lookup = lookup
+        self.pending: dict[Key, Pending] = {}
+        self.propagator = TraceContextTextMapPropagator()
+
+    def __call__(self, records: Sequence[Record]) -> None:
+        for record in records:
+            if type(record) is Transition:
+                self._transition(record)
+            elif type(record) is FindingChange:
+                pending = self.pending.get(record.key)
+                if pending is not None:
+                    self._event(pending, "execwatch.finding", {
+                        "execwatch.finding.name": record.finding,
+                        "execwatch.finding.raised": record.raised,
+                        "execwatch.finding.detail": record.detail,
+                    }, record.since if record.raised else record.detected_at)  # fmt: skip
+
+    def _transition(self, t: Transition) -> None:
+        key = t.key
+        pending = self.pending.get(key)
+        if pending is None:  # registration, a revival, or an execution from before a restart
+            pending = self._start(t)
+        if t.old == t.new:
+            self._event(pending, "execwatch.phase", {"execwatch.phase": t.phase or ""}, t.at)
+        else:
+            attributes: dict[str, Any] = {"execwatch.state.to": t.new.value}
+            if t.old is not None:
+                attributes["execwatch.state.from"] = t.old.value
+            if t.reason is not None:
+                attributes["execwatch.reason"] = t.reason
+            if t.phase is not None:
+                attributes["execwatch.phase"] = t.phase
+            self._event(pending, "execwatch.transition", attributes, t.at)
+        if t.new in TERMINAL:
+            self._end(key, t)
+
+    def _start(self, t: Transition) -> Pending:
+        ex = self.lookup(t.key)
+        parent = self._parent(ex, t)
+        parent_span = trace.get_current_span(parent).get_span_context() if parent else None
+        trace_id = (
+            parent_span.trace_id
+            if parent_span is not None and parent_span.is_valid
+            else self.random.generate_trace_id()
+        )
+        span_id = self.random.generate_span_id()
+        operation = _OPERATION[t.kind]
+        start = ex.created_at if ex is not None and t.old is None else t.at
+        pending = Pending(f"{operation} {t.agent}", _ns(start), parent, trace_id, span_id)
+        pending.attributes = self._attributes(ex, t)
+        if t.revived:
+            previous = self.traces.get(t.key)
+            if previous is not None:
+                pending.links.append(
+                    Link(_context(*previous), {"execwatch.link.reason": "revived_from"})
+                )
+        self.traces.started(t.key, f"{trace_id:032x}", f"{span_id:016x}")
+        self.pending[t.key] = pending
+        return pending
+
+    def _parent(self, ex: Execution | None, t: Transition) -> Context | None:
+        if ex is not None and ex.traceparent is not None:
+            return self.propagator.extract({"traceparent": ex.traceparent})
+        if ex is not None and ex.parent_id is not None:
+            ids = self.traces.get((t.tenant, ex.parent_id))
+            if ids is not None:
+                return trace.set_span_in_context(NonRecordingSpan(_context(*ids)))
+        return None
+
+    @classmethod
+    def _attributes(cls, ex: Execution | None, t: Transition) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            "execwatch.execution.id": t.execution_id,
+            "execwatch.tenant": t.tenant,
+            "execwatch.agent": t.agent,
+            "execwatch.kind": t.kind.value,
+        }
+        if t.kind is not Kind.JOB:
+            attributes["gen_ai.operation.name"] = _OPERATION[t.kind]
+            attributes[_NAME_ATTRIBUTE[t.kind]] = t.agent
+        attributes.update(cls._detail(ex))
+        return attributes
+
+    @staticmethod
+    def _detail(ex: Execution | None) -> dict[str, Any]:
+        """What the execution told about itself; `gen_ai.*` keys pass through as they are."""
+        attributes: dict[str, Any] = {}
+        if ex is not None:
+            if ex.parent_id is not None:
+                attributes["execwatch.parent.id"] = ex.parent_id
+            for name, value in ex.attributes.items():
+                if value is not None:
+                    key = name if name.startswith("gen_ai.") else f"execwatch.attributes.{name}"
+                    attributes[key] = value
+        return attributes
+
+    @staticmethod
+    def _event(pending: Pending, name: str, attributes: dict[str, Any], at: float) -> None:
+        if len(pending.events) < MAX_EVENTS:
+            pending.events.append((name, attributes, _ns(at)))
+
+    def _end(self, key: Key, t: Transition | None, truncated_at: float | None = None) -> None:
+        pending = self.pending.pop(key)
+        pending.attributes.update(self._detail(self.lookup(key)))  # attributes sent later
+        if self.ids is not None:
+            self.ids.next_trace_id, self.ids.next_span_id = pending.trace_id, pending.span_id
+        try:
+            span = self.tracer.start_span(
+                pending.name,
+                context=pending.parent,
+                kind=SpanKind.INTERNAL,
+                attributes=pending.attributes,
+                links=pending.links,
+                start_time=pending.start_ns,
+            )
+        finally:
+            if self.ids is not None:
+                self.ids.next_trace_id = self.ids.next_span_id = None
+        for name, attributes, at in pending.events:
+            span.add_event(name, attributes, timestamp=at)
+        if t is None:
+            span.set_attribute("execwatch.span.truncated", True)
+            end = truncated_at if truncated_at is not None else time.time()
+        else:
+            span.set_attribute("execwatch.state", t.new.value)
+            if t.new in _ERRORS:
+                error_type, description = self._error(key, t)
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR, description))
+            end = t.at
+        span.end(end_time=max(_ns(end), pending.start_ns))
+        self.traces.finished(key)
+
+    def _error(self, key: Key, t: Transition) -> tuple[str, str]:
+        """A low-cardinality error.type and a short description."""
+        if t.new is ExecState.DEAD:
+            return "heartbeat_timeout", "no heartbeat within heartbeat_timeout_s"
+        if t.new is ExecState.TIMEOUT:
+            return t.reason or "timeout", f"timed out ({t.reason or 'reported'})"
+        if t.reason is not None:
+            return t.reason, t.reason.replace("_", " ")
+        ex = self.lookup(key)
+        error = None if ex is None else ex.error
+        if isinstance(error, dict):
+            kind = error.get("type")
+            message = error.get("message")
+            return (str(kind) if kind else "failed"), str(message or kind or "failed")[:256]
+        if isinstance(error, str):
+            return "failed", error[:256]
+        return "failed", "failed"
+
+    def close(self) -> None:
+        """Export the spans of executions still running (truncated), then flush."""
+        now = time.time()
+        for key in list(self.pending):
+            self._end(key, None, now)
+        self.provider.shutdown()
+
+
+def _context(trace_hex: str, span_hex: str) -> SpanContext:
+    return SpanContext(int(trace_hex, 16), int(span_hex, 16), is_remote=False, trace_flags=_SAMPLED)
+
+
+def tracing_environ() -> Mapping[str, str]:
+    """The OTEL_* variables: the SDK reads them itself, so they bypass execwatch's settings."""
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
