@@ -36,6 +36,7 @@ test: lint tools
 bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/detection.py
+	$(PY) bench/exporting.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

@@ -8,10 +8,11 @@ the daemon down: lines that cannot be written are dropped and counted.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import orjson
 import structlog
@@ -25,6 +26,7 @@ from monitor.model import Execution, FindingChange, Key, Transition
 from monitor.states import ExecState
 
 LEVELS = ("debug", "info", "warning", "error")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _TROUBLE = frozenset({ExecState.FAILED, ExecState.TIMEOUT, ExecState.DEAD})
 _QUIET_PATHS = frozenset({"/v1/events", "/metrics", "/healthz", "/readyz"})
 """High-volume requests logged at debug when they succeed (a line per heartbeat batch would
@@ -53,6 +55,32 @@ class SafeStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         SafeBytesLogger.dropped += 1
 
 
+class JsonLines:
+    """The fast path for record lines in JSON mode: the same keys and timestamp format as
+    structlog's JSON lines, one write and flush per batch of records. structlog's processor
+    chain costs ~7 us a line (measured); a line per transition is on the ingest path."""
+
+    active: ClassVar[JsonLines | None] = None
+    """Set by configure_logging in JSON mode; None sends record lines through structlog."""
+
+    def __init__(self, out: IO[bytes], level: int) -> None:
+        self.out = out
+        self.level = level
+
+    def write(self, lines: list[dict[str, Any]]) -> None:
+        stamp = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        body = bytearray()
+        for fields in lines:
+            fields["timestamp"] = stamp
+            body += orjson.dumps(fields)
+            body += b"\n"
+        try:
+            self.out.write(body)
+            self.out.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            SafeBytesLogger.dropped += len(lines)
+
+
 def configure_logging(
     level: str = "info", fmt: str = "auto", stream: IO[str] | None = None
 ) -> None:
@@ -73,6 +101,13 @@ def configure_logging(
         shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         factory = _bytes_factory(stream)
+    JsonLines.active = (
+        None
+        if console
+        else JsonLines(
+            getattr(stream, "buffer", sys.stdout.buffer), getattr(logging, level.upper())
+        )
+    )
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
@@ -117,29 +152,40 @@ class LogSink:
         self.log = structlog.get_logger("execwatch.records")
 
     def __call__(self, records: Sequence[Record]) -> None:
+        lines: list[dict[str, Any]] = []
         for record in records:
             if type(record) is Transition:
-                self._transition(record)
+                lines.append(self._transition(record))
             elif type(record) is FindingChange:
-                self._finding(record)
+                lines.append(self._finding(record))
             elif type(record) is BreakerTransition:
-                self._breaker(record)
+                lines.append(self._breaker(record))
+        fast = JsonLines.active
+        if fast is not None:
+            fast.write([line for line in lines if _LEVELS[line["level"]] >= fast.level])
+            return
+        for line in lines:
+            fields = dict(line)
+            level, event = fields.pop("level"), fields.pop("event")
+            getattr(self.log, level)(event, **fields)
 
     def _ids(self, key: Key) -> dict[str, str]:
-        ids = self.traces.get(key)
+        ids = self.traces.open.get(key) or self.traces.ended.get(key)
         if ids is not None:
             return {"trace_id": ids[0], "span_id": ids[1]}
         trace_id = self.traces.trace_id(key, self.lookup(key))  # the caller's trace
         return {} if trace_id is None else {"trace_id": trace_id}
 
-    def _transition(self, t: Transition) -> None:
+    def _transition(self, t: Transition) -> dict[str, Any]:
+        # The states and kind are StrEnums: they render as their strings without `.value`,
+        # which costs ~0.3 us a lookup on Python 3.11 (a line per transition feels it).
         fields: dict[str, Any] = {
             "execution_id": t.execution_id,
             "tenant": t.tenant,
             "agent": t.agent,
-            "kind": t.kind.value,
-            "from": None if t.old is None else t.old.value,
-            "to": t.new.value,
+            "kind": t.kind,
+            "from": t.old,
+            "to": t.new,
             "at": t.at,
             **self._ids(t.key),
         }
@@ -151,31 +197,35 @@ class LogSink:
             fields["detection_lag_s"] = round(t.detected_at - t.at, 6)
         if t.revived:
             fields["revived"] = True
-        trouble = t.new in _TROUBLE and t.old is not t.new
-        (self.log.warning if trouble else self.log.info)("execution_transitioned", **fields)
+        fields["event"] = "execution_transitioned"
+        fields["level"] = "warning" if t.new in _TROUBLE and t.old is not t.new else "info"
+        return fields
 
-    def _finding(self, f: FindingChange) -> None:
-        event = "finding_raised" if f.raised else "finding_cleared"
-        (self.log.warning if f.raised else self.log.info)(
-            event,
-            execution_id=f.execution_id,
-            tenant=f.tenant,
-            agent=f.agent,
-            finding=f.finding,
-            since=f.since,
-            detail=f.detail,
+    def _finding(self, f: FindingChange) -> dict[str, Any]:
+        return {
+            "execution_id": f.execution_id,
+            "tenant": f.tenant,
+            "agent": f.agent,
+            "finding": f.finding,
+            "since": f.since,
+            "detail": f.detail,
             **self._ids(f.key),
-        )
+            "event": "finding_raised" if f.raised else "finding_cleared",
+            "level": "warning" if f.raised else "info",
+        }
 
-    def _breaker(self, b: BreakerTransition) -> None:
-        (self.log.warning if b.new is BreakerState.OPEN else self.log.info)(
-            "breaker_transitioned",
-            tenant=b.tenant,
-            agent=b.agent,
-            **{"from": b.old.value, "to": b.new.value},
-            at=b.at,
-            failure_rate=round(b.failure_rate, 4),
-        )
+    @staticmethod
+    def _breaker(b: BreakerTransition) -> dict[str, Any]:
+        return {
+            "tenant": b.tenant,
+            "agent": b.agent,
+            "from": b.old,
+            "to": b.new,
+            "at": b.at,
+            "failure_rate": round(b.failure_rate, 4),
+            "event": "breaker_transitioned",
+            "level": "warning" if b.new is BreakerState.OPEN else "info",
+        }
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -17,16 +17,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    Exemplar,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import Exemplar, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from exporters.exposition import Encoder, Family
 from monitor import __version__
 from monitor.detectors.breaker import BreakerState, BreakerTransition
 from monitor.detectors.engine import Detectors, Record
@@ -102,17 +97,15 @@ class Histogram:
         if exemplar:
             self.exemplars[index] = Exemplar(exemplar, value, time.time())
 
-    def buckets(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+    def buckets(self) -> list[tuple[str, float, Exemplar | None]]:
+        """(le, cumulative count, exemplar) per bucket, +Inf last."""
         cumulative = 0
-        out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+        out: list[tuple[str, float, Exemplar | None]] = []
         for bound, count, exemplar in zip(
             [*map(_float, self.bounds), "+Inf"], self.counts, self.exemplars, strict=True
         ):
             cumulative += count
-            if exemplar is None:
-                out.append((bound, float(cumulative)))
-            else:
-                out.append((bound, float(cumulative), exemplar))
+            out.append((bound, float(cumulative), exemplar))
         return out
 
 
@@ -156,13 +149,13 @@ class MetricsSink:
                 self._detected(agent, "circuit_open", record.detected_at - record.at)
 
     def _transition(self, t: Transition) -> None:
-        agent, kind = self.labels(t.agent), t.kind.value
+        agent, kind = self.labels(t.agent), t.kind  # a StrEnum is its own label string
         if t.old is None:
             self._known(agent, kind)
             self.started[(agent, kind)] += 1
         if t.new in TERMINAL and (t.old is None or t.old in LIVE or t.revived):
             self._known(agent, kind)
-            state = t.new.value
+            state = t.new
             self.finished[(agent, kind, state)] += 1
             created = self._created_at(t.key)
             if created is not None:
@@ -196,6 +189,19 @@ class MetricsSink:
         self.lags[detector].observe(max(0.0, lag))
 
 
+def _gauge(name: str, help_text: str, value: float) -> Family:
+    family = Family(name, "gauge", help_text)
+    family.add((), value)
+    return family
+
+
+def _counter(name: str, help_text: str, label_names: list[str], values: dict[Any, int]) -> Family:
+    family = Family(name, "counter", help_text, label_names)
+    for key, value in sorted(values.items()):
+        family.add(key if isinstance(key, tuple) else (key,), value)
+    return family
+
+
 class ExecwatchCollector(Collector):
     """Builds every execwatch family from a fresh look at the state: never stale series."""
 
@@ -217,81 +223,90 @@ class ExecwatchCollector(Collector):
         return []  # no collect() at registration
 
     def collect(self) -> Iterator[Metric]:
-        started = time.perf_counter()
-        yield from self._state()
-        yield from self._events()
-        yield from self._detector_health()
-        self.collect_duration_s = time.perf_counter() - started
-        yield GaugeMetricFamily(
-            "execwatch_collect_duration_seconds",
-            "Seconds the last scrape took to read the state (the render is not included).",
-            value=self.collect_duration_s,
-        )
+        """prometheus_client's view of the same families (tests, other registries)."""
+        for family in self.families():
+            yield family.to_prometheus()
 
-    def _state(self) -> Iterator[Metric]:
-        labels, registry = self.sink.labels, self.registry
-        build = GaugeMetricFamily(
-            "execwatch_build_info", "The running version.", labels=["version"]
+    def families(self) -> list[Family]:
+        """Every execwatch family, read now (on the event loop: the state is not locked)."""
+        started = time.perf_counter()
+        families = [*self._state(), *self._events(), *self._detector_health()]
+        self.collect_duration_s = time.perf_counter() - started
+        families.append(
+            _gauge(
+                "execwatch_collect_duration_seconds",
+                "Seconds the last scrape took to read the state (the render is not included).",
+                self.collect_duration_s,
+            )
         )
-        build.add_metric([__version__], 1)
+        return families
+
+    def _state(self) -> Iterator[Family]:
+        labels, registry = self.sink.labels, self.registry
+        build = Family("execwatch_build_info", "gauge", "The running version.", ["version"])
+        build.add((__version__,), 1)
         yield build
 
         by_group: dict[tuple[str, str], dict[str, int]] = {}
         for (agent, kind, state), count in registry.counts.items():
-            group = by_group.setdefault((labels(agent), kind.value), {})
-            group[state.value] = group.get(state.value, 0) + count
-        executions = GaugeMetricFamily(
-            "execwatch_executions",
+            group = by_group.setdefault((labels(agent), kind), {})
+            group[state] = group.get(state, 0) + count
+        executions = Family(
+            "execwatch_executions", "gauge",
             "Executions held now, by agent, kind and state (live states and dead; 0s included).",
-            labels=["agent", "kind", "state"],
-        )
+            ["agent", "kind", "state"],
+        )  # fmt: skip
         for (agent_label, kind_label), per_state in sorted(by_group.items()):
             for name in STATES:
-                executions.add_metric([agent_label, kind_label, name], per_state.get(name, 0))
+                executions.add((agent_label, kind_label, name), per_state.get(name, 0))
         yield executions
 
         findings: dict[tuple[str, str], int] = {}
         for change in registry.findings.values():
             key = (labels(change.agent), change.finding)
             findings[key] = findings.get(key, 0) + 1
-        family = GaugeMetricFamily(
-            "execwatch_findings", "Active detector findings, by agent and finding.",
-            labels=["agent", "finding"],
+        family = Family(
+            "execwatch_findings", "gauge", "Active detector findings, by agent and finding.",
+            ["agent", "finding"],
         )  # fmt: skip
-        for (agent, finding), count in sorted(findings.items()):
-            family.add_metric([agent, finding], count)
+        for key, count in sorted(findings.items()):
+            family.add(key, count)
         yield family
 
         oldest: dict[str, float] = {}
-        for ex in registry:
-            if ex.state in LIVE:
-                agent = labels(ex.agent)
-                seen = oldest.get(agent)
-                if seen is None or ex.last_heartbeat_at < seen:
-                    oldest[agent] = ex.last_heartbeat_at
-        family = GaugeMetricFamily(
-            "execwatch_oldest_heartbeat_timestamp_seconds",
+        get = oldest.get
+        for ex in registry:  # the one walk over the fleet; kept to attribute reads
+            if ex.finished_at is None:
+                agent, at = ex.agent, ex.last_heartbeat_at
+                seen = get(agent)
+                if seen is None or at < seen:
+                    oldest[agent] = at
+        per_label: dict[str, float] = {}
+        for agent, at in oldest.items():
+            label = labels(agent)
+            if label not in per_label or at < per_label[label]:
+                per_label[label] = at
+        family = Family(
+            "execwatch_oldest_heartbeat_timestamp_seconds", "gauge",
             "Unix time of the oldest last heartbeat among an agent's live executions.",
-            labels=["agent"],
-        )
-        for agent, at in sorted(oldest.items()):
-            family.add_metric([agent], at)
+            ["agent"],
+        )  # fmt: skip
+        for agent, at in sorted(per_label.items()):
+            family.add((agent,), at)
         yield family
 
         yield from self._breakers()
 
-    def _breakers(self) -> Iterator[Metric]:
+    def _breakers(self) -> Iterator[Family]:
         labels, now = self.sink.labels, self.clock()
-        state = GaugeMetricFamily(
-            "execwatch_circuit_breaker_state",
-            "1 for each breaker's current state, 0 for the others.",
-            labels=["agent", "state"],
-        )
-        rate = GaugeMetricFamily(
-            "execwatch_circuit_breaker_failure_rate",
-            "Failure rate (0-1) over each breaker's sliding window.",
-            labels=["agent"],
-        )
+        state = Family(
+            "execwatch_circuit_breaker_state", "gauge",
+            "1 for each breaker's current state, 0 for the others.", ["agent", "state"],
+        )  # fmt: skip
+        rate = Family(
+            "execwatch_circuit_breaker_failure_rate", "gauge",
+            "Failure rate (0-1) over each breaker's sliding window.", ["agent"],
+        )  # fmt: skip
         folded: dict[str, tuple[str, float]] = {}
         order = {s: i for i, s in enumerate(BREAKER_STATES)}
         for breaker in self.detectors.breakers.values():
@@ -303,25 +318,21 @@ class ExecwatchCollector(Collector):
                 folded[agent] = current
         for agent, (now_in, failure_rate) in sorted(folded.items()):
             for name in BREAKER_STATES:
-                state.add_metric([agent, name], 1.0 if name == now_in else 0.0)
-            rate.add_metric([agent], failure_rate)
+                state.add((agent, name), 1.0 if name == now_in else 0.0)
+            rate.add((agent,), failure_rate)
         yield state
         yield rate
-        refused = CounterMetricFamily(
-            "execwatch_circuit_breaker_not_permitted_calls",
-            "Executions registered while their agent's breaker refused them.",
-            labels=["agent"],
-        )
         counts: dict[str, int] = {}
         for (_, agent), count in self.detectors.not_permitted.items():
             counts[labels(agent)] = counts.get(labels(agent), 0) + count
         for agent in folded:
             counts.setdefault(agent, 0)
-        for agent, count in sorted(counts.items()):
-            refused.add_metric([agent], count)
-        yield refused
+        yield _counter(
+            "execwatch_circuit_breaker_not_permitted_calls",
+            "Executions registered while their agent's breaker refused them.", ["agent"], counts,
+        )  # fmt: skip
 
-    def _events(self) -> Iterator[Metric]:
+    def _events(self) -> Iterator[Family]:
         sink, stats, labels = self.sink, self.stats, self.sink.labels
         yield _counter(
             "execwatch_executions_started", "Executions registered.", ["agent", "kind"],
@@ -332,13 +343,13 @@ class ExecwatchCollector(Collector):
             "Executions that reached a terminal state (dead included).",
             ["agent", "kind", "state"], sink.finished,
         )  # fmt: skip
-        duration = HistogramMetricFamily(
-            "execwatch_execution_duration_seconds",
+        duration = Family(
+            "execwatch_execution_duration_seconds", "histogram",
             "Seconds from an execution's first event to its terminal state.",
-            labels=["agent", "kind", "state"],
-        )
+            ["agent", "kind", "state"],
+        )  # fmt: skip
         for key, histogram in sorted(sink.durations.items()):
-            duration.add_metric(list(key), histogram.buckets(), histogram.total)
+            duration.add_histogram(key, histogram.buckets(), histogram.total)
         yield duration
         heartbeats: dict[str, int] = {}
         for agent, count in self.registry.heartbeats.items():
@@ -361,21 +372,21 @@ class ExecwatchCollector(Collector):
             "execwatch_events_rejected", "Events (or bodies) rejected, by reason.", ["reason"],
             dict(stats.rejected),
         )  # fmt: skip
-        yield CounterMetricFamily(
+        yield _counter(
             "execwatch_events_duplicate", "Events acknowledged as duplicates of an event_id.",
-            value=stats.duplicates,
+            [], {(): stats.duplicates},
         )  # fmt: skip
-        lag = HistogramMetricFamily(
-            "execwatch_detection_lag_seconds",
-            "Seconds from a deadline to its detection.", labels=["detector"],
+        lag = Family(
+            "execwatch_detection_lag_seconds", "histogram",
+            "Seconds from a deadline to its detection.", ["detector"],
         )  # fmt: skip
         for detector, histogram in sorted(sink.lags.items()):
-            lag.add_metric([detector], histogram.buckets(), histogram.total)
+            lag.add_histogram((detector,), histogram.buckets(), histogram.total)
         yield lag
-        yield GaugeMetricFamily(
+        yield _gauge(
             "execwatch_ingest_lag_seconds",
             "Receipt time minus ts of the newest event that carried one, in the last batch.",
-            value=stats.ingest_lag_s,
+            stats.ingest_lag_s,
         )
         yield _counter(
             "execwatch_sink_failures", "Exceptions raised by an exporter fed by the ingest path.",
@@ -385,9 +396,9 @@ class ExecwatchCollector(Collector):
             "execwatch_exporter_failures", "Exports a backend refused or could not take.",
             ["exporter"], dict(stats.exporter_failures),
         )  # fmt: skip
-        yield CounterMetricFamily(
+        yield _counter(
             "execwatch_store_commit_failures", "Commits the store failed (answered 503).",
-            value=stats.store_failures,
+            [], {(): stats.store_failures},
         )  # fmt: skip
         yield _counter(
             "execwatch_metrics_label_overflow",
@@ -395,36 +406,27 @@ class ExecwatchCollector(Collector):
             ["label"], {"agent": labels.overflowed},
         )  # fmt: skip
 
-    def _detector_health(self) -> Iterator[Metric]:
+    def _detector_health(self) -> Iterator[Family]:
         detectors = self.detectors
-        yield GaugeMetricFamily(
+        yield _gauge(
             "execwatch_detector_last_tick_timestamp_seconds",
             "Unix time of the detector loop's last sweep (its watchdog).",
-            value=detectors.last_tick_at or 0.0,
+            detectors.last_tick_at or 0.0,
         )
-        yield GaugeMetricFamily(
+        yield _gauge(
             "execwatch_detector_loop_lag_seconds",
             "How late the detector loop last woke up.",
-            value=detectors.loop_lag_s,
+            detectors.loop_lag_s,
         )
-        yield CounterMetricFamily(
+        yield _counter(
             "execwatch_detector_blind_spells",
             "Times the daemon regained sight (start-up, a stalled loop, a clock jump).",
-            value=detectors.blind_spells,
-        )
+            [], {(): detectors.blind_spells},
+        )  # fmt: skip
         yield _counter(
             "execwatch_detector_failures", "Detectors that raised, by clock.", ["detector"],
             dict(detectors.failures),
         )  # fmt: skip
-
-
-def _counter(
-    name: str, documentation: str, label_names: list[str], values: dict[Any, int]
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=label_names)
-    for key, value in sorted(values.items()):
-        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
-    return family
 
 
 class FrozenCollector(Collector):
@@ -437,22 +439,29 @@ class FrozenCollector(Collector):
         return self.families
 
 
-def metrics_registry(collector: ExecwatchCollector) -> CollectorRegistry:
-    """A registry of its own (never the global one), with the process and Python metrics."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry
+class Metrics:
+    """What /metrics serves: execwatch's families (fast encoder) and the standard process
+    and Python collectors (prometheus_client), from registries of its own."""
 
+    def __init__(self, collector: ExecwatchCollector) -> None:
+        self.collector = collector
+        self.encoder = Encoder()
+        self.library = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.library)
+        PlatformCollector(registry=self.library)
+        GCCollector(registry=self.library)
 
-async def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """The exposition for `accept` (OpenMetrics when asked, so exemplars show). The state is
-    read on the event loop; the text is rendered in a worker thread."""
-    encoder, content_type = choose_encoder(accept)
-    families = list(registry.collect())
-    frozen = CollectorRegistry(auto_describe=False)
-    frozen.register(FrozenCollector(families))
-    body = await asyncio.to_thread(encoder, frozen)
-    return body, content_type
+    async def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition for `accept` (OpenMetrics when asked, so exemplars show). The state
+        is read on the event loop; the text is written in a worker thread."""
+        encoder, content_type = choose_encoder(accept)
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        ours = self.collector.families()
+        frozen = CollectorRegistry(auto_describe=False)
+        frozen.register(FrozenCollector(list(self.library.collect())))
+
+        def write() -> bytes:
+            library = encoder(frozen)  # ends with "# EOF" in OpenMetrics: ours go first
+            return self.encoder.render(ours, openmetrics).encode() + library
+
+        return await asyncio.to_thread(write), content_type

@@ -9,7 +9,6 @@ import orjson
 import structlog
 from aiohttp import web
 
-from exporters.prometheus import render
 from monitor import __version__
 from monitor.errors import Rejection
 from monitor.events import DEFAULT_TENANT, Kind
@@ -251,7 +250,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text, or OpenMetrics (with exemplars) when the Accept asks."""
-    body, content_type = await render(request.app[METRICS], request.headers.get("Accept", ""))
+    body, content_type = await request.app[METRICS].render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -12,8 +12,8 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from exporters.logs import LogSink
-from exporters.otel import SpanSink, make_tracer_provider
-from exporters.prometheus import AgentLabels, ExecwatchCollector, MetricsSink, metrics_registry
+from exporters.otel import SpanSink, make_span_pipeline
+from exporters.prometheus import AgentLabels, ExecwatchCollector, Metrics, MetricsSink
 from exporters.traces import TraceIds
 from monitor.config import Settings
 from monitor.detectors.engine import Detectors
@@ -103,13 +103,11 @@ def make_app(
         created_at=lambda key: None if (ex := registry.by_key(key)) is None else ex.created_at,
         trace_id=lambda key: traces.trace_id(key, registry.by_key(key)),
     )
-    app[METRICS] = metrics_registry(
-        ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock)
-    )
+    app[METRICS] = Metrics(ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock))
     exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key)]
-    provider = make_tracer_provider(otel_environ or {}, ingestor.stats, span_exporter)
-    if provider is not None:
-        span_sink = SpanSink(provider, traces, registry.by_key)
+    pipeline = make_span_pipeline(otel_environ or {}, ingestor.stats, span_exporter)
+    if pipeline is not None:
+        span_sink = SpanSink(pipeline, traces, registry.by_key)
         exporters.insert(0, span_sink)  # first: the others read the trace ids it assigns
         app[SPANS] = span_sink
         app.cleanup_ctx.append(_flush_spans)

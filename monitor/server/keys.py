@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings
 from monitor.detectors.engine import Detectors
@@ -31,6 +30,6 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 HEALTH = web.AppKey("health", Health)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 DETECTORS = web.AppKey("detectors", Detectors)
-METRICS = web.AppKey("metrics", CollectorRegistry)
+METRICS: web.AppKey[Any] = web.AppKey("metrics")  # exporters.prometheus.Metrics
 SPANS: web.AppKey[Any] = web.AppKey("spans")  # exporters.otel.SpanSink, when tracing is on
 PROCESSES: web.AppKey[Any] = web.AppKey("processes")  # scheduler.ProcessWatch (which imports keys)

@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as om_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporters.exposition import Encoder
+from exporters.prometheus import FrozenCollector
+from monitor.server.keys import METRICS
 from monitor.testing import FakeClock, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client, post
@@ -208,3 +213,25 @@ async def test_promtool_finds_nothing_to_fix(
         text=True, timeout=60, check=False,
     )  # fmt: skip
     assert (0, "") == (result.returncode, result.stdout + result.stderr)
+
+
+async def test_the_fast_encoder_writes_what_prometheus_client_writes(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Byte for byte, in both formats, for every execwatch family of a scripted scenario,
+    with label values that need escaping."""
+    client = await make_client(CONFIG)
+    await scenario(client, clock)
+    await post(client, [
+        state_event("odd", "running", agent='we"ird\\agent\nname', tenant="t",
+                    traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        state_event("odd", "completed", tenant="t"),
+    ])  # fmt: skip
+    metrics = client.app[METRICS]
+    families = metrics.collector.families()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FrozenCollector([f.to_prometheus() for f in families]))
+    fast = Encoder()
+    assert generate_latest(registry).decode() == fast.render(families, openmetrics=False)
+    assert om_latest(registry).decode() == fast.render(families, openmetrics=True) + "# EOF\n"
+    assert fast.render(families, False) == fast.render(families, False)  # from the cache too
