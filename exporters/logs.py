@@ -2,15 +2,18 @@
 
 Every transition, finding and breaker change is one line with its execution, agent,
 tenant and trace ids. stdlib logging (libraries, aiohttp) and the access log go
-through the same renderer. A closed stdout (`execwatch serve | head`) never takes
-the daemon down: lines that cannot be written are dropped and counted.
+through the same renderer. A stdout that is closed or that nobody reads never
+takes the daemon down or stalls it: lines leave through a bounded queue and a writer
+thread, and what cannot be written is dropped and counted.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import queue
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import IO, Any, ClassVar
 
@@ -33,26 +36,78 @@ _QUIET_PATHS = frozenset({"/v1/events", "/metrics", "/healthz", "/readyz"})
 cost more than the batch)."""
 
 
-class SafeBytesLogger(structlog.BytesLogger):
-    """structlog's BytesLogger that drops a line rather than raise when the pipe is gone."""
+class LineWriter:
+    """Every log line leaves through here: a bounded queue drained by a writer thread, so a
+    stdout nobody reads (a stuck pipe, a full disk) costs dropped lines, counted, never a
+    blocked event loop. A closed stdout (`execwatch serve | head`) likewise."""
 
-    dropped = 0
+    MAX_BYTES = 4 * 1024 * 1024
+    """Lines waiting at most; past it new lines are dropped (and counted)."""
+    active: ClassVar[LineWriter | None] = None
 
-    def msg(self, message: bytes) -> None:
-        try:
-            super().msg(message)
-        except (BrokenPipeError, OSError, ValueError):
-            SafeBytesLogger.dropped += 1
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.dropped = 0
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="execwatch-log-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes, lines: int = 1) -> None:
+        with self._lock:
+            if self._pending + len(data) > self.MAX_BYTES:
+                self.dropped += lines
+                return
+            self._pending += len(data)
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                with self._lock:
+                    self.dropped += data.count(b"\n")
+            with self._lock:
+                self._pending -= len(data)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued (for `timeout_s` at most), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+
+class QueuedLogger:
+    """A structlog logger that hands its rendered line to the LineWriter."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str | bytes) -> None:
+        data = message.encode() if isinstance(message, str) else message
+        self._writer.write(data + b"\n")
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
 
-class SafeStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The stdlib side of the same promise."""
+class QueuedHandler(logging.Handler):
+    """The stdlib side: library and aiohttp records, formatted, into the same writer."""
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        SafeBytesLogger.dropped += 1
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.write(self.format(record).encode() + b"\n")
+        except Exception:
+            self.handleError(record)
 
 
 class JsonLines:
@@ -63,8 +118,8 @@ class JsonLines:
     active: ClassVar[JsonLines | None] = None
     """Set by configure_logging in JSON mode; None sends record lines through structlog."""
 
-    def __init__(self, out: IO[bytes], level: int) -> None:
-        self.out = out
+    def __init__(self, writer: LineWriter, level: int) -> None:
+        self.writer = writer
         self.level = level
 
     def write(self, lines: list[dict[str, Any]]) -> None:
@@ -74,20 +129,20 @@ class JsonLines:
             fields["timestamp"] = stamp
             body += orjson.dumps(fields)
             body += b"\n"
-        try:
-            self.out.write(body)
-            self.out.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            SafeBytesLogger.dropped += len(lines)
+        if lines:
+            self.writer.write(bytes(body), len(lines))
 
 
 def configure_logging(
     level: str = "info", fmt: str = "auto", stream: IO[str] | None = None
-) -> None:
-    """Route structlog and stdlib logging to `stream` (stdout): JSON lines, or a readable
-    console rendering when `fmt` is "console" (or "auto" on a terminal)."""
+) -> LineWriter:
+    """Route structlog and stdlib logging to `stream` (stdout) through one LineWriter: JSON
+    lines, or a readable console rendering when `fmt` is "console" (or "auto" on a
+    terminal). Returns the writer (its `dropped` count is exported; close it at exit)."""
     stream = stream if stream is not None else sys.stdout
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    writer = LineWriter(getattr(stream, "buffer", sys.stdout.buffer))
+    LineWriter.active = writer
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -96,22 +151,15 @@ def configure_logging(
     renderer: Any
     if console:
         renderer = structlog.dev.ConsoleRenderer()
-        factory: Any = structlog.PrintLoggerFactory(stream)  # type: ignore[arg-type]
     else:
         shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        factory = _bytes_factory(stream)
-    JsonLines.active = (
-        None
-        if console
-        else JsonLines(
-            getattr(stream, "buffer", sys.stdout.buffer), getattr(logging, level.upper())
-        )
-    )
+    numeric = getattr(logging, level.upper())
+    JsonLines.active = None if console else JsonLines(writer, numeric)
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=factory,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=lambda *_: QueuedLogger(writer),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -125,20 +173,18 @@ def configure_logging(
             ),
         ],
     )
-    handler = SafeStreamHandler(stream)
+    handler = QueuedHandler(writer)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper()))
+    root.setLevel(numeric)
+    return writer
 
 
-def _bytes_factory(stream: IO[str]) -> Any:
-    buffer = getattr(stream, "buffer", None)
-
-    def factory(*_: Any) -> SafeBytesLogger:
-        return SafeBytesLogger(buffer if buffer is not None else sys.stdout.buffer)
-
-    return factory
+def dropped_lines() -> int:
+    """Log lines dropped since start-up (stdout stuck or gone)."""
+    writer = LineWriter.active
+    return 0 if writer is None else writer.dropped
 
 
 class LogSink:

@@ -22,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from exporters.exposition import Encoder, Family
+from exporters.logs import dropped_lines
 from monitor import __version__
 from monitor.detectors.breaker import BreakerState, BreakerTransition
 from monitor.detectors.engine import Detectors, Record
@@ -399,6 +400,11 @@ class ExecwatchCollector(Collector):
         yield _counter(
             "execwatch_store_commit_failures", "Commits the store failed (answered 503).",
             [], {(): stats.store_failures},
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_log_lines_dropped",
+            "Log lines dropped because stdout was stuck or gone (the daemon never waits on it).",
+            [], {(): dropped_lines()},
         )  # fmt: skip
         yield _counter(
             "execwatch_metrics_label_overflow",

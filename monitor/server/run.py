@@ -86,12 +86,15 @@ async def run(settings: Settings) -> None:
 def serve(settings: Settings, *, insecure: bool = False) -> None:
     """Check the exposure, then run until SIGTERM or SIGINT (a clean exit, status 0)."""
     check_exposure(settings, insecure)
-    configure_logging(settings.log_level, settings.log_format)
+    writer = configure_logging(settings.log_level, settings.log_format)
     if settings.database != ":memory:":
         log.warning(
             "store_in_memory",
             database=settings.database,
             detail="the SQLite store is not built yet; state is kept in memory only",
         )
-    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
-        asyncio.run(run(settings))
+    try:
+        with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+            asyncio.run(run(settings))
+    finally:
+        writer.close()

@@ -92,3 +92,33 @@ def test_the_daemon_writes_json_lines_and_survives_a_closed_stdout() -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_a_stdout_nobody_reads_never_stalls_the_daemon() -> None:
+    """The pipe fills up; ingest, health and detection go on, and the drops are counted."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")}
+    process = subprocess.Popen(
+        [*EXECWATCH, "serve", "--listen", "127.0.0.1:0", "--database", ":memory:"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        url = next(line.split()[-1] for line in process.stderr if "execwatch listening on" in line)
+        for batch in range(200):  # ~20,000 lines (~6 MB): past the pipe and the 4 MiB queue
+            events = []
+            for i in range(50):
+                eid = f"r{batch}-{i}"
+                events += [state_event(eid, "running", agent="a"), state_event(eid, "failed")]
+            request = urllib.request.Request(f"{url}/v1/events", data=json.dumps(events).encode())
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert 202 == response.status
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+            assert 200 == response.status
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        dropped = next(line for line in text.splitlines()
+                       if line.startswith("execwatch_log_lines_dropped_total"))  # fmt: skip
+        assert float(dropped.split()[-1]) > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
