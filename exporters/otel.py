@@ -13,6 +13,7 @@ still running are exported as truncated spans.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.re import parse_env_headers
 
 from exporters.traces import TraceIds
 from monitor import __version__
@@ -82,6 +84,8 @@ class CountingExporter(SpanExporter):
                 log.warning("span_export_failed", exporter=self.name, spans=len(spans))
         if result is SpanExportResult.FAILURE:
             self.stats.exporter_failures[self.name] += 1
+        else:
+            self.stats.spans_exported += len(spans)
         return result
 
     def shutdown(self) -> None:
@@ -94,16 +98,39 @@ class CountingExporter(SpanExporter):
 class SpanPipeline:
     """Where finished spans go: the resource they carry and the processor that exports."""
 
-    def __init__(self, resource: Resource, processor: SpanProcessor) -> None:
+    SHUTDOWN_S = 5.0
+    """Flushing at exit waits this long at most (a hung backend must not outlast the
+    orchestrator's grace period); what is still queued then is lost, and counted."""
+
+    def __init__(
+        self,
+        resource: Resource,
+        processor: SpanProcessor,
+        stats: IngestStats,
+        sampler: tuple[str, float] = ("parentbased", 1.0),
+    ) -> None:
         self.resource = resource
         self.processor = processor
+        self.stats = stats
+        self.policy, ratio = sampler
+        self.bound = int(ratio * (1 << 64))
+
+    def samples(self, trace_id: int, parent: SpanContext | None) -> bool:
+        """The sampling decision for a span of trace `trace_id` under `parent`."""
+        if parent is not None and self.policy == "parentbased":
+            return bool(parent.trace_flags.sampled)
+        return (trace_id & 0xFFFFFFFFFFFFFFFF) < self.bound
 
     def emit(self, span: ReadableSpan) -> None:
+        self.stats.spans_finished += 1
         self.processor.on_end(span)
 
     def shutdown(self) -> None:
-        """Flush what is queued (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop."""
-        self.processor.shutdown()
+        """Flush what is queued and stop, within SHUTDOWN_S."""
+        self.processor.force_flush(int(self.SHUTDOWN_S * 1000))
+        worker = threading.Thread(target=self.processor.shutdown, daemon=True)
+        worker.start()
+        worker.join(self.SHUTDOWN_S)
 
 
 def make_span_pipeline(
@@ -127,8 +154,21 @@ def make_span_pipeline(
     resource = Resource.create(_resource_attributes(environ))
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "execwatch"}))
+    sampler = sampler_from(environ)
     if exporter is not None:
-        return SpanPipeline(resource, SimpleSpanProcessor(exporter))
+        processor: SpanProcessor = SimpleSpanProcessor(CountingExporter(exporter, stats, "test"))
+        return SpanPipeline(resource, processor, stats, sampler)
+    protocol = environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+    )
+    if choice == "otlp" and protocol != "http/protobuf":
+        log.error(
+            "otel_protocol_unsupported", protocol=protocol,
+            detail="execwatch exports OTLP over http/protobuf only (port 4318); "
+            "set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf. Tracing is off.",
+        )  # fmt: skip
+        return None
     if choice == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -150,7 +190,7 @@ def make_span_pipeline(
         max_export_batch_size=_integer(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
         export_timeout_millis=_number(environ, "OTEL_BSP_EXPORT_TIMEOUT"),
     )
-    return SpanPipeline(resource, processor)
+    return SpanPipeline(resource, processor, stats, sampler)
 
 
 # The SDK reads these from os.environ itself; reading them from the mapping we are given
@@ -183,10 +223,24 @@ def _headers(environ: Mapping[str, str]) -> dict[str, str] | None:
     text = environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS", environ.get("OTEL_EXPORTER_OTLP_HEADERS")
     )
-    if not text:
-        return None
-    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
-    return {key.strip(): value.strip() for key, value in pairs}
+    return dict(parse_env_headers(text, liberal=True)) if text else None  # percent-decoded
+
+
+def sampler_from(environ: Mapping[str, str]) -> tuple[str, float]:
+    """(policy, ratio) from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG; the SDK default is
+    parentbased_always_on. Root spans are kept when trace_id's low 64 bits fall under the
+    ratio (the SDK's TraceIdRatioBased rule); children follow their parent when parentbased."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    ratio = 1.0
+    if name.endswith("always_off"):
+        ratio = 0.0
+    elif name.endswith("traceidratio"):
+        ratio = _number(environ, "OTEL_TRACES_SAMPLER_ARG")
+        ratio = 1.0 if ratio is None else min(1.0, max(0.0, ratio))
+    elif not name.endswith("always_on"):
+        log.warning("otel_sampler_unsupported", sampler=name, using="parentbased_always_on")
+        name = "parentbased_always_on"
+    return ("parentbased" if name.startswith("parentbased") else "root"), ratio
 
 
 def _resource_attributes(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -205,6 +259,7 @@ class Pending:
 
     __slots__ = (
         "attributes",
+        "dropped",
         "events",
         "links",
         "name",
@@ -226,7 +281,8 @@ class Pending:
         self.attributes: dict[str, Any] = {}
         self.events: list[Event] = []
         self.links: list[Link] = []
-        self.sampled = parent is None or parent.trace_flags.sampled
+        self.sampled = True
+        self.dropped = 0
 
 
 class SpanSink:
@@ -283,10 +339,12 @@ class SpanSink:
         ex = self.lookup(t.key)
         parent = self._parent(ex, t)
         trace_id = parent.trace_id if parent is not None else self.random.generate_trace_id()
+        sampled = self.pipeline.samples(trace_id, parent)
         span_id = self.random.generate_span_id()
         operation = _OPERATION[t.kind]
         start = ex.created_at if ex is not None and t.old is None else t.at
         pending = Pending(f"{operation} {t.agent}", _ns(start), parent, trace_id, span_id)
+        pending.sampled = sampled
         pending.attributes = self._attributes(ex, t)
         if t.revived:
             previous = self.traces.get(t.key)
@@ -294,7 +352,7 @@ class SpanSink:
                 pending.links.append(
                     Link(_context(*previous), {"execwatch.link.reason": "revived_from"})
                 )
-        self.traces.started(t.key, f"{trace_id:032x}", f"{span_id:016x}")
+        self.traces.started(t.key, f"{trace_id:032x}", f"{span_id:016x}", sampled)
         self.pending[t.key] = pending
         return pending
 
@@ -308,9 +366,10 @@ class SpanSink:
                 trace_flags=TraceFlags(int(flags, 16) & TraceFlags.SAMPLED),
             )  # fmt: skip
         if ex is not None and ex.parent_id is not None:
-            ids = self.traces.get((t.tenant, ex.parent_id))
+            parent_key = (t.tenant, ex.parent_id)
+            ids = self.traces.get(parent_key)
             if ids is not None:
-                return _context(*ids)
+                return _context(*ids, sampled=self.traces.sampled(parent_key))
         return None
 
     @classmethod
@@ -337,13 +396,27 @@ class SpanSink:
             for name, value in ex.attributes.items():
                 if value is not None:
                     key = name if name.startswith("gen_ai.") else f"execwatch.attributes.{name}"
-                    attributes[key] = value
+                    # OTLP integers are 64-bit: a larger one is kept as a string.
+                    big = type(value) is int and not -(2**63) <= value < 2**63
+                    attributes[key] = str(value) if big else value
         return attributes
 
     @staticmethod
     def _event(pending: Pending, name: str, attributes: dict[str, Any], at: float) -> None:
-        if len(pending.events) < MAX_EVENTS:
-            pending.events.append(Event(name, attributes, _ns(at)))
+        """Keep at most MAX_EVENTS; when full, phases give way to transitions and findings
+        (the final transition must never be the one lost)."""
+        events = pending.events
+        if len(events) >= MAX_EVENTS:
+            pending.dropped += 1
+            if name == "execwatch.phase":
+                return
+            for index, event in enumerate(events):
+                if event.name == "execwatch.phase":
+                    del events[index]
+                    break
+            else:
+                return
+        events.append(Event(name, attributes, _ns(at)))
 
     def _end(self, key: Key, t: Transition | None, truncated_at: float | None = None) -> None:
         pending = self.pending.pop(key)
@@ -352,6 +425,8 @@ class SpanSink:
             return  # the caller's trace is not sampled: neither is this part of it
         attributes = pending.attributes
         attributes.update(self._detail(self.lookup(key)))  # attributes sent later
+        if pending.dropped:
+            attributes["execwatch.events.dropped"] = pending.dropped
         status = _OK
         if t is None:
             attributes["execwatch.span.truncated"] = True
@@ -408,8 +483,9 @@ class SpanSink:
         self.pipeline.shutdown()
 
 
-def _context(trace_hex: str, span_hex: str) -> SpanContext:
-    return SpanContext(int(trace_hex, 16), int(span_hex, 16), is_remote=False, trace_flags=_SAMPLED)
+def _context(trace_hex: str, span_hex: str, sampled: bool = True) -> SpanContext:
+    flags = _SAMPLED if sampled else TraceFlags(0)
+    return SpanContext(int(trace_hex, 16), int(span_hex, 16), is_remote=False, trace_flags=flags)
 
 
 def tracing_environ() -> Mapping[str, str]:

@@ -35,6 +35,8 @@ STATES = [s.value for s in ExecState if s in LIVE or s is ExecState.DEAD]
 """The states `execwatch_executions` reports: the live ones, and dead."""
 FINISHED = [s.value for s in ExecState if s in TERMINAL]
 BREAKER_STATES = [s.value for s in BreakerState]
+SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
+"""Which breaker state wins when several breakers share an agent label."""
 DETECTOR = {
     "start_timeout": "timeout",
     "run_timeout": "timeout",
@@ -124,20 +126,40 @@ class MetricsSink:
         labels: AgentLabels,
         created_at: Callable[[tuple[str, str]], float | None],
         trace_id: Callable[[tuple[str, str]], str | None],
+        drain: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int]]] = lambda: ({}, {}),
     ) -> None:
         self.labels = labels
+        self._drain = drain
         self._created_at = created_at
         self._trace_id = trace_id
         self.started: dict[tuple[str, str], int] = {}
         self.finished: dict[tuple[str, str, str], int] = {}
         self.detections: dict[tuple[str, str, str], int] = {}
         self.revivals: dict[str, int] = {}
+        self.heartbeats: dict[str, int] = {}
+        """Totals per label, drained from the registry (bounded by the label cap)."""
+        self.not_permitted: dict[str, int] = {}
         self.durations: dict[tuple[str, str, str], Histogram] = {}
         self.lags: dict[str, Histogram] = {
             d: Histogram(LAG_BUCKETS) for d in set(DETECTOR.values())
         }
 
+    def absorb(self, heartbeats: dict[str, int], refused: dict[tuple[str, str], int]) -> None:
+        """Fold counts drained from the registry and detectors into the per-label totals."""
+        labels = self.labels
+        for agent, count in heartbeats.items():
+            label = labels(agent)
+            self.heartbeats[label] = self.heartbeats.get(label, 0) + count
+        for (_, agent), count in refused.items():
+            label = labels(agent)
+            self.not_permitted[label] = self.not_permitted.get(label, 0) + count
+
+    def known_agents(self) -> set[str]:
+        """Agent labels whose series exist (from the first execution on)."""
+        return {agent for agent, _ in self.started}
+
     def __call__(self, records: Sequence[Record]) -> None:
+        self.absorb(*self._drain())  # keeps the registry's per-agent counts small
         for record in records:
             if type(record) is Transition:
                 self._transition(record)
@@ -182,6 +204,8 @@ class MetricsSink:
         for reason, detector in DETECTOR.items():
             self.detections.setdefault((agent, detector, reason), 0)
         self.revivals.setdefault(agent, 0)
+        self.heartbeats.setdefault(agent, 0)
+        self.not_permitted.setdefault(agent, 0)
 
     def _detected(self, agent: str, reason: str, lag: float) -> None:
         detector = DETECTOR.get(reason, reason)
@@ -231,6 +255,7 @@ class ExecwatchCollector(Collector):
     def families(self) -> list[Family]:
         """Every execwatch family, read now (on the event loop: the state is not locked)."""
         started = time.perf_counter()
+        self.sink.absorb(*self.sink._drain())
         families = [*self._state(), *self._events(), *self._detector_health()]
         self.collect_duration_s = time.perf_counter() - started
         families.append(
@@ -248,7 +273,7 @@ class ExecwatchCollector(Collector):
         build.add((__version__,), 1)
         yield build
 
-        by_group: dict[tuple[str, str], dict[str, int]] = {}
+        by_group: dict[tuple[str, str], dict[str, int]] = {key: {} for key in self.sink.started}
         for (agent, kind, state), count in registry.counts.items():
             group = by_group.setdefault((labels(agent), kind), {})
             group[state] = group.get(state, 0) + count
@@ -262,7 +287,10 @@ class ExecwatchCollector(Collector):
                 executions.add((agent_label, kind_label, name), per_state.get(name, 0))
         yield executions
 
-        findings: dict[tuple[str, str], int] = {}
+        known = self.sink.known_agents()
+        findings: dict[tuple[str, str], int] = {
+            (agent, finding): 0 for agent in known for finding in FINDINGS
+        }
         for change in registry.findings.values():
             key = (labels(change.agent), change.finding)
             findings[key] = findings.get(key, 0) + 1
@@ -308,14 +336,15 @@ class ExecwatchCollector(Collector):
             "execwatch_circuit_breaker_failure_rate", "gauge",
             "Failure rate (0-1) over each breaker's sliding window.", ["agent"],
         )  # fmt: skip
-        folded: dict[str, tuple[str, float]] = {}
-        order = {s: i for i, s in enumerate(BREAKER_STATES)}
+        folded: dict[str, tuple[str, float]] = dict.fromkeys(
+            self.sink.known_agents(), ("closed", 0.0)
+        )
         for breaker in self.detectors.breakers.values():
             agent = labels(breaker.agent)
             current = (breaker.state.value, breaker.rate(now))
             kept = folded.get(agent)
-            # Several breakers under one label (tenants, overflow): show the worst.
-            if kept is None or order[current[0]] > order[kept[0]]:
+            # Several breakers under one label (tenants, overflow): show the worst, open first.
+            if kept is None or SEVERITY[current[0]] > SEVERITY[kept[0]]:
                 folded[agent] = current
         for agent, (now_in, failure_rate) in sorted(folded.items()):
             for name in BREAKER_STATES:
@@ -323,14 +352,12 @@ class ExecwatchCollector(Collector):
             rate.add((agent,), failure_rate)
         yield state
         yield rate
-        counts: dict[str, int] = {}
-        for (_, agent), count in self.detectors.not_permitted.items():
-            counts[labels(agent)] = counts.get(labels(agent), 0) + count
+        refused = dict(self.sink.not_permitted)
         for agent in folded:
-            counts.setdefault(agent, 0)
+            refused.setdefault(agent, 0)
         yield _counter(
             "execwatch_circuit_breaker_not_permitted_calls",
-            "Executions registered while their agent's breaker refused them.", ["agent"], counts,
+            "Executions registered while their agent's breaker refused them.", ["agent"], refused,
         )  # fmt: skip
 
     def _events(self) -> Iterator[Family]:
@@ -352,12 +379,7 @@ class ExecwatchCollector(Collector):
         for key, histogram in sorted(sink.durations.items()):
             duration.add_histogram(key, histogram.buckets(), histogram.total)
         yield duration
-        heartbeats: dict[str, int] = {}
-        for agent, count in self.registry.heartbeats.items():
-            heartbeats[labels(agent)] = heartbeats.get(labels(agent), 0) + count
-        for agent, _ in sink.started:
-            heartbeats.setdefault(agent, 0)
-        yield _counter("execwatch_heartbeats", "Heartbeats applied.", ["agent"], heartbeats)
+        yield _counter("execwatch_heartbeats", "Heartbeats applied.", ["agent"], sink.heartbeats)
         yield _counter(
             "execwatch_detections",
             "Detections, by agent, detector and reason (timeouts, deaths, findings, breakers).",
@@ -396,6 +418,15 @@ class ExecwatchCollector(Collector):
         yield _counter(
             "execwatch_exporter_failures", "Exports a backend refused or could not take.",
             ["exporter"], dict(stats.exporter_failures),
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_spans_finished", "Spans handed to the span processor for export.",
+            [], {(): stats.spans_finished},
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_spans_exported",
+            "Spans a tracing backend accepted (the gap to finished is queued, dropped or failed).",
+            [], {(): stats.spans_exported},
         )  # fmt: skip
         yield _counter(
             "execwatch_store_commit_failures", "Commits the store failed (answered 503).",

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from monitor.model import Execution, Key
 
-MAX_ENDED = 10_000
+MAX_ENDED = 100_000
 """Ended executions whose span context is remembered (revival links, late log lines)."""
 
 
@@ -16,20 +16,30 @@ class TraceIds:
     def __init__(self) -> None:
         self.open: dict[Key, tuple[str, str]] = {}
         self.ended: OrderedDict[Key, tuple[str, str]] = OrderedDict()
+        self.unsampled: set[Key] = set()
+        """Executions whose trace is not sampled: their spans are never exported."""
 
-    def started(self, key: Key, trace_id: str, span_id: str) -> None:
+    def started(self, key: Key, trace_id: str, span_id: str, sampled: bool = True) -> None:
         self.open[key] = (trace_id, span_id)
         self.ended.pop(key, None)
+        if sampled:
+            self.unsampled.discard(key)
+        else:
+            self.unsampled.add(key)
 
     def finished(self, key: Key) -> None:
         ids = self.open.pop(key, None)
         if ids is not None:
             self.ended[key] = ids
             if len(self.ended) > MAX_ENDED:
-                self.ended.popitem(last=False)
+                gone, _ = self.ended.popitem(last=False)
+                self.unsampled.discard(gone)
 
     def get(self, key: Key) -> tuple[str, str] | None:
         return self.open.get(key) or self.ended.get(key)
+
+    def sampled(self, key: Key) -> bool:
+        return key not in self.unsampled
 
     def trace_id(self, key: Key, ex: Execution | None) -> str | None:
         """The execution's trace id: its span's, else its caller's (from `traceparent`)."""
@@ -39,3 +49,12 @@ class TraceIds:
         if ex is not None and ex.traceparent is not None:
             return ex.traceparent[3:35]
         return None
+
+    def exemplar_trace_id(self, key: Key, ex: Execution | None) -> str | None:
+        """The trace id worth linking from a metric: only a trace that is being recorded."""
+        if key in self.unsampled:
+            return None
+        if self.get(key) is None and ex is not None and ex.traceparent is not None:
+            sampled = int(ex.traceparent[-2:], 16) & 1
+            return ex.traceparent[3:35] if sampled else None
+        return self.trace_id(key, ex)

@@ -73,7 +73,7 @@ class Registry:
         self.counts: dict[tuple[str, Kind, ExecState], int] = {}
         """Executions held, by (agent, kind, state): kept as they change, read at scrape."""
         self.heartbeats: dict[str, int] = {}
-        """Heartbeats applied, by agent (a counter the metrics read)."""
+        """Heartbeats applied per agent since the metrics last drained them."""
         self.stopping: dict[Key, str] = {}
         """Executions that should stop, with the reason their next answer's directive gives."""
 
@@ -204,14 +204,14 @@ class Registry:
             changed = True
         else:
             target, changed = current, False
-        if event.type is _HEARTBEAT:
-            self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
         if event.attributes:
             merged = len(ex.attributes.keys() | event.attributes.keys())
             if merged > MAX_ATTRIBUTES:
                 self._too_many_attributes(event, merged)
 
         self._absorb(ex, event, now)
+        if event.type is _HEARTBEAT:  # counted once it is sure to be applied
+            self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
         if event.detail:
             self._absorb_detail(ex, event, now)
             self.dirty[ex.key] = ex
@@ -370,7 +370,17 @@ class Registry:
 
     def _count(self, ex: Execution, state: ExecState, delta: int) -> None:
         bucket = (ex.agent, ex.kind, state)
-        self.counts[bucket] = self.counts.get(bucket, 0) + delta
+        count = self.counts.get(bucket, 0) + delta
+        if count:
+            self.counts[bucket] = count
+        else:
+            del self.counts[bucket]  # agent names come from clients: keep only what is held
+
+    def drain_heartbeats(self) -> dict[str, int]:
+        """Heartbeats applied per agent since the last drain (the metrics keep the totals,
+        per capped label, so this stays small however many agent names come and go)."""
+        drained, self.heartbeats = self.heartbeats, {}
+        return drained
 
     def _unfinish(self, ex: Execution) -> None:
         """A dead execution showed proof of life: it is no longer finished."""

@@ -21,6 +21,10 @@ class IngestStats:
     """Exceptions raised by a sink (an exporter), by sink name."""
     exporter_failures: Counter[str] = field(default_factory=Counter)
     """Exports a backend failed (OTLP down, ...), by exporter."""
+    spans_finished: int = 0
+    """Spans handed to the span processor."""
+    spans_exported: int = 0
+    """Spans a backend accepted: the gap to spans_finished is queued, dropped or failed."""
     ingest_lag_s: float = 0.0
     """Receipt time minus `ts` of the newest event that carried a `ts` in the last batch that
     had one: how far behind the senders' reports arrive (buffering, retries, clock skew)."""

@@ -78,7 +78,7 @@ class Detectors:
         self.sighted_since = float("-inf")
         """Liveness clocks never start before this: the end of the daemon's own blindness."""
         self.not_permitted: Counter[tuple[str, str]] = Counter()
-        """Executions registered while their agent's breaker refused them, by (tenant, agent)."""
+        """Executions refused by their breaker since the metrics last drained them."""
         self.failures: Counter[str] = Counter(dict.fromkeys(CLOCKS, 0))
         """Detectors that raised, by clock (every clock known from the start)."""
         self.last_tick_at: float | None = None
@@ -379,7 +379,6 @@ class Detectors:
             chosen[bkey] = None
         for bkey in chosen:
             del self.breakers[bkey]
-            self.not_permitted.pop(bkey, None)
 
     def _outcome(self, ex: Execution, failed: bool, now: float) -> None:
         breaker = self._breaker(ex, now)
@@ -398,6 +397,11 @@ class Detectors:
         if due is not None:
             bkey = (breaker.tenant, breaker.agent)
             heapq.heappush(self._breaker_heap, (due, next(self._order), bkey))
+
+    def drain_not_permitted(self) -> Counter[tuple[str, str]]:
+        """Refusals per (tenant, agent) since the last drain (the metrics keep the totals)."""
+        drained, self.not_permitted = self.not_permitted, Counter()
+        return drained
 
     def breaker(self, tenant: str, agent: str) -> Breaker:
         """The breaker of (tenant, agent); a closed one if it has seen nothing yet."""

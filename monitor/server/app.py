@@ -101,7 +101,8 @@ def make_app(
     metrics_sink = MetricsSink(
         AgentLabels(settings.metrics.max_agents),
         created_at=lambda key: None if (ex := registry.by_key(key)) is None else ex.created_at,
-        trace_id=lambda key: traces.trace_id(key, registry.by_key(key)),
+        trace_id=lambda key: traces.exemplar_trace_id(key, registry.by_key(key)),
+        drain=lambda: (registry.drain_heartbeats(), detectors.drain_not_permitted()),
     )
     app[METRICS] = Metrics(ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock))
     exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key)]
@@ -121,9 +122,9 @@ def make_app(
 
 
 async def _flush_spans(app: web.Application) -> AsyncIterator[None]:
-    """At shutdown, export the spans of executions still running, and flush."""
+    """At shutdown, export the spans of executions still running, and flush (bounded)."""
     yield
-    await asyncio.to_thread(app[SPANS].close)
+    await asyncio.to_thread(app[SPANS].close)  # its flush must not block the loop
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

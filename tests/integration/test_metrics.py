@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.exposition import Encoder
 from exporters.prometheus import FrozenCollector
-from monitor.server.keys import METRICS
+from monitor.server.keys import DETECTORS, METRICS, REGISTRY
 from monitor.testing import FakeClock, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client, post
@@ -235,3 +236,57 @@ async def test_the_fast_encoder_writes_what_prometheus_client_writes(
     assert generate_latest(registry).decode() == fast.render(families, openmetrics=False)
     assert om_latest(registry).decode() == fast.render(families, openmetrics=True) + "# EOF\n"
     assert fast.render(families, False) == fast.render(families, False)  # from the cache too
+
+
+async def test_counters_never_go_backwards_and_gauges_keep_their_zeros(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Evicted agents keep zero series; refusals survive a forgotten breaker; findings and
+    breaker state exist at 0 for a known agent; a rejected heartbeat is not counted."""
+    client = await make_client({"breaker": {"minimum_calls": 1}, "retention": {"finished_s": 1}})
+    await post(
+        client,
+        [
+            state_event("f", "failed", agent="a", kind="job"),
+            state_event("r", "queued", agent="a", kind="job"),
+        ],
+    )  # refused: open
+    await post(client, state_event("q", "running", agent="quiet"))
+    await post(client, heartbeat("q", attributes={f"k{i}": i for i in range(65)}), 422)
+    found = samples(await scrape(client))
+    assert 1 == value(found, "execwatch_circuit_breaker_not_permitted_calls_total", agent="a")
+    assert 0 == value(found, "execwatch_heartbeats_total", agent="quiet")
+    assert 0 == value(found, "execwatch_findings", agent="quiet", finding="stalled")
+    assert 1 == value(found, "execwatch_circuit_breaker_state", agent="quiet", state="closed")
+    client.app[DETECTORS].breakers.clear()  # as if forgotten past the cap
+    await post(client, state_event("r", "cancelled"))
+    clock.advance(5)
+    await post(client, state_event("z", "running", agent="z"))  # evicts all of agent a
+    found = samples(await scrape(client))
+    assert 1 == value(found, "execwatch_circuit_breaker_not_permitted_calls_total", agent="a")
+    assert 0 == value(found, "execwatch_executions", agent="a", kind="job", state="pending")
+    assert not any(key[0] == "a" for key in client.app[REGISTRY].counts)
+
+
+async def test_an_open_breaker_wins_over_a_half_open_one_under_one_label(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Two tenants' breakers of one agent: the exported state is the worst, open."""
+    client = await make_client({"breaker": {"minimum_calls": 1, "wait_in_open_s": 10}})
+    await post(client, state_event("a1", "failed", agent="x", tenant="team-a"))
+    await tick(client, clock, 11)  # team-a's breaker is half open
+    await post(client, state_event("b1", "failed", agent="x", tenant="team-b"))  # open
+    found = samples(await scrape(client))
+    assert 1 == value(found, "execwatch_circuit_breaker_state", agent="x", state="open")
+    assert 0 == value(found, "execwatch_circuit_breaker_state", agent="x", state="half_open")
+
+
+async def test_openmetrics_output_parses_as_openmetrics(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """The OpenMetrics scrape is valid for prometheus_client's OpenMetrics parser."""
+    client = await make_client(CONFIG)
+    await scenario(client, clock)
+    text = await scrape(client, "application/openmetrics-text; version=1.0.0")
+    names = {family.name for family in om_parse(text)}
+    assert {"execwatch_executions", "execwatch_heartbeats", "execwatch_detections"} <= names

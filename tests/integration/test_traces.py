@@ -113,7 +113,7 @@ async def test_a_death_ends_the_span_and_a_revival_links_a_new_one(
     revived = spans.get_finished_spans()[1]
     assert [dead.context.span_id] == [link.context.span_id for link in revived.links]
     assert "revived_from" == (revived.links[0].attributes or {})["execwatch.link.reason"]
-    assert dead.context.trace_id != revived.context.trace_id or revived.links
+    assert ("execution a", StatusCode.UNSET) == (revived.name, revived.status.status_code)
 
 
 async def test_findings_are_span_events_and_running_spans_are_kept_at_shutdown(
@@ -203,3 +203,72 @@ async def test_a_tracing_backend_that_is_down_is_counted_and_ingest_goes_on(
     assert stats.exporter_failures["otlp"] >= 1
     assert 202 == (await client.post("/v1/events", json=state_event("r9", "running",
                                                                     agent="a"))).status  # fmt: skip
+
+
+async def test_an_unsampled_caller_means_no_spans_for_it_or_its_children(
+    aiohttp_client: Any, clock: FakeClock, spans: InMemorySpanExporter
+) -> None:
+    """traceparent flags 00: neither the execution nor its child is exported (no orphans)."""
+    client = await traced(aiohttp_client, clock, spans)
+    unsampled = TRACEPARENT[:-2] + "00"
+    await post(client, [
+        state_event("p", "running", agent="planner", traceparent=unsampled),
+        state_event("c", "running", agent="tool", kind="tool", parent_id="p"),
+        state_event("c", "completed"), state_event("p", "completed"),
+        state_event("solo", "running", agent="other"), state_event("solo", "completed"),
+    ])  # fmt: skip
+    assert ["invoke_agent other"] == [s.name for s in spans.get_finished_spans()]
+
+
+@pytest.mark.parametrize(
+    ("environ", "exported"),
+    [({"OTEL_TRACES_SAMPLER": "always_off"}, 0),
+     ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}, 0),
+     ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"}, 5)],
+)  # fmt: skip
+async def test_the_sampler_comes_from_the_environment(
+    aiohttp_client: Any, clock: FakeClock, spans: InMemorySpanExporter,
+    environ: dict[str, str], exported: int,
+) -> None:  # fmt: skip
+    """OTEL_TRACES_SAMPLER and its argument decide which roots are kept."""
+    app = make_app(build_settings({}), clock=clock, run_detectors=False, span_exporter=spans,
+                   otel_environ=environ)  # fmt: skip
+    client = await aiohttp_client(app)
+    for i in range(5):
+        await post(client, [state_event(f"r{i}", "running", agent="a"),
+                            state_event(f"r{i}", "completed")])  # fmt: skip
+    assert exported == len(spans.get_finished_spans())
+
+
+async def test_the_final_transition_survives_a_flood_of_phases(
+    aiohttp_client: Any, clock: FakeClock, spans: InMemorySpanExporter
+) -> None:
+    """Past 128 events, phases give way: the end is always on the span, drops counted."""
+    client = await traced(aiohttp_client, clock, spans)
+    await post(client, [state_event("r", "running", agent="a"),
+                        *[state_event("r", "running", phase=f"p{i}") for i in range(200)],
+                        state_event("r", "failed", attributes={"huge": 2**63 + 5})])  # fmt: skip
+    (span,) = spans.get_finished_spans()
+    assert 128 == len(span.events)
+    assert ("execwatch.transition", "failed") == (
+        span.events[-1].name,
+        (span.events[-1].attributes or {})["execwatch.state.to"],
+    )
+    attributes = span.attributes or {}
+    assert (74, str(2**63 + 5)) == (
+        attributes["execwatch.events.dropped"],
+        attributes["execwatch.attributes.huge"],
+    )
+
+
+def test_otlp_settings_follow_the_sdk() -> None:
+    """Headers are percent-decoded; a protocol other than http/protobuf turns tracing off."""
+    from exporters.otel import _headers, make_span_pipeline
+    from monitor.stats import IngestStats
+
+    assert {"authorization": "Basic abc"} == _headers(
+        {"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Basic%20abc"}
+    )
+    grpc = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}  # fmt: skip
+    assert make_span_pipeline(grpc, IngestStats()) is None
