@@ -23,11 +23,13 @@ START_TIMEOUT_S = 30
 
 
 class Daemon:
-    def __init__(self, *args: str) -> None:
+    """A real `execwatch serve` on a free loopback port (stdout: its log lines)."""
+
+    def __init__(self, *args: str, stdout: int = subprocess.DEVNULL) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")}
         self.process = subprocess.Popen(
             [*EXECWATCH, "serve", "--listen", "127.0.0.1:0", "--database", ":memory:", *args],
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
             env=env,

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import urllib.request
-from typing import Any
 
 import structlog
 
 from monitor.testing import FakeClock, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import post
-from tests.integration.test_daemon import EXECWATCH
+from tests.integration.test_daemon import Daemon
 from tests.integration.test_detectors_api import tick
 
 
@@ -57,68 +54,46 @@ async def test_every_record_is_one_line_with_its_ids(
 
 def test_the_daemon_writes_json_lines_and_survives_a_closed_stdout() -> None:
     """Real serve: JSON on stdout with access lines; closing stdout does not stop it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")}
-    process = subprocess.Popen(
-        [*EXECWATCH, "serve", "--listen", "127.0.0.1:0", "--database", ":memory:"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    daemon = Daemon(stdout=subprocess.PIPE)
+    stdout = daemon.process.stdout
     try:
-        assert process.stderr is not None
-        assert process.stdout is not None
-        url = next(line.split()[-1] for line in process.stderr if "execwatch listening on" in line)
-
-        def send(body: Any) -> int:
-            request = urllib.request.Request(f"{url}/v1/events", data=json.dumps(body).encode())
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return int(response.status)
-
-        assert 202 == send(state_event("r", "running", agent="a"))
-        with urllib.request.urlopen(f"{url}/v1/agents", timeout=10) as response:
-            assert 200 == response.status
+        assert stdout is not None
+        assert (
+            202 == daemon.request("POST", "/v1/events", state_event("r", "running", agent="a"))[0]
+        )
+        assert 200 == daemon.request("GET", "/v1/agents")[0]
         lines = []
-        for line in process.stdout:
+        for line in stdout:
             lines.append(json.loads(line))
             if lines[-1]["event"] == "http_request":
                 break
-        events = [entry["event"] for entry in lines]
-        assert "execution_transitioned" in events
+        assert "execution_transitioned" in [entry["event"] for entry in lines]
         access = lines[-1]
         assert ("GET", "/v1/agents", 200) == (access["method"], access["path"], access["status"])
         assert all({"timestamp", "level"} <= set(entry) for entry in lines)
-        process.stdout.close()  # the reader went away (`execwatch serve | head`)
-        assert 202 == send(state_event("r2", "running", agent="a"))
-        assert 202 == send(state_event("r2", "failed"))
-        assert process.poll() is None
+        stdout.close()  # the reader went away (`execwatch serve | head`)
+        events = [state_event("r2", "running", agent="a"), state_event("r2", "failed")]
+        assert 202 == daemon.request("POST", "/v1/events", events)[0]
+        assert daemon.process.poll() is None
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        daemon.stop()
 
 
 def test_a_stdout_nobody_reads_never_stalls_the_daemon() -> None:
     """The pipe fills up; ingest, health and detection go on, and the drops are counted."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")}
-    process = subprocess.Popen(
-        [*EXECWATCH, "serve", "--listen", "127.0.0.1:0", "--database", ":memory:"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    daemon = Daemon(stdout=subprocess.PIPE)  # and never read
     try:
-        assert process.stderr is not None
-        url = next(line.split()[-1] for line in process.stderr if "execwatch listening on" in line)
         for batch in range(200):  # ~20,000 lines (~6 MB): past the pipe and the 4 MiB queue
             events = []
             for i in range(50):
                 eid = f"r{batch}-{i}"
                 events += [state_event(eid, "running", agent="a"), state_event(eid, "failed")]
-            request = urllib.request.Request(f"{url}/v1/events", data=json.dumps(events).encode())
-            with urllib.request.urlopen(request, timeout=10) as response:
-                assert 202 == response.status
-        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
-            assert 200 == response.status
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            assert 202 == daemon.request("POST", "/v1/events", events)[0]
+        assert 200 == daemon.request("GET", "/healthz")[0]
+        with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as response:
             text = response.read().decode()
         dropped = next(line for line in text.splitlines()
                        if line.startswith("execwatch_log_lines_dropped_total"))  # fmt: skip
         assert float(dropped.split()[-1]) > 0
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        daemon.stop()
