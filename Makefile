@@ -23,9 +23,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# Debian's prometheus package brings promtool (2.42), which the metrics and rule tests run.
+# Debian's prometheus package brings promtool and prometheus (2.42): the metrics, rule and
+# live dashboard tests run them.
 tools:
-	@command -v promtool >/dev/null || { \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 			prometheus >/dev/null; }

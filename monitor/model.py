@@ -49,6 +49,10 @@ class Transition(NamedTuple):
         }
         if self.phase is not None:
             entry["phase"] = self.phase
+        if self.detected_at is not None:
+            entry["detected_at"] = self.detected_at  # detection lag = detected_at - at
+        if self.revived:
+            entry["revived"] = True
         return entry
 
     def to_list(self) -> list[Any]:

@@ -282,6 +282,7 @@ async def landing(request: web.Request) -> web.Response:
             "/v1/findings",
             "/metrics",
             "/openapi.json",
+            "/healthz",
             "/readyz",
         )
     )

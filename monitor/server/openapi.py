@@ -80,6 +80,8 @@ _TRANSITION = {
         "at": {"type": "number"},
         "reason": _NULLABLE_STR,
         "phase": {"type": "string"},
+        "detected_at": {"type": "number", "description": "for a detector's transition"},
+        "revived": {"type": "boolean", "description": "it left dead: proof of life"},
     },
 }
 

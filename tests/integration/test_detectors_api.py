@@ -33,7 +33,10 @@ async def test_a_timed_out_execution_is_told_to_cancel_on_its_next_event(
         "directives"
     ]
     execution = await get(client, "/v1/executions/r")
-    assert ("timeout", "run_timeout") == (execution["state"], execution["history"][-1]["reason"])
+    last = execution["history"][-1]
+    assert ("timeout", "run_timeout") == (execution["state"], last["reason"])
+    assert clock() == last["detected_at"]  # lag = detected_at - at
+    assert last["detected_at"] - last["at"] >= 0
 
 
 async def test_cancel_requests_reach_the_execution_until_it_stops(
@@ -72,6 +75,7 @@ async def test_findings_are_listed_and_shown_on_their_execution(
     assert ["stalled"] == [f["kind"] for f in (await get(client, "/v1/executions/r"))["findings"]]
     await post(client, heartbeat("r", progress=2))
     assert [] == (await get(client, "/v1/findings"))["findings"]
+    assert all("revived" not in h for h in (await get(client, "/v1/executions/r"))["history"])
     assert [("stalled", True), ("stalled", False)] == [
         (r.finding, r.raised) for r in sink.records if hasattr(r, "finding")
     ]
