@@ -19,6 +19,8 @@ OUT = Path(__file__).resolve().parent / "grafana"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'job=~"$job", instance=~"$instance"'
 AGENT = f'{SEL}, agent=~"$agent"'
+ONE_AGENT = f'{SEL}, agent="$agent"'
+"""The drill-down picks one agent: matched exactly, since agent names are not regexes."""
 RI = "$__rate_interval"
 FAILED = f'{AGENT}, state=~"failed|timeout|dead"'
 
@@ -60,10 +62,11 @@ class Board:
         height: int = 8,
         stack: bool = False,
         max_value: float | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         if self.x + width > 24:
             self._newline()
-        defaults: dict[str, Any] = {"unit": unit}
+        defaults: dict[str, Any] = {"unit": unit, **(extra or {})}
         if max_value is not None:
             defaults["max"] = max_value
         if kind == "timeseries":
@@ -179,7 +182,7 @@ def overview() -> dict[str, Any]:
         "Executions held now, by state (live states and dead).",
         "short",
         [(f"sum by (state) (execwatch_executions{{{AGENT}}})", "{{state}}")],
-        stack=True,
+        stack=False,  # dead is not a live state: it does not belong on top of them
     )
     b.panel(
         "Starts and finishes",
@@ -208,13 +211,14 @@ def overview() -> dict[str, Any]:
     )
     b.panel(
         "Failure ratio by agent (5m)",
-        "The recorded failure ratio per agent "
-        "(recording rule job_agent:execwatch_execution_failures:ratio_rate5m).",
+        "The recorded failure ratio per agent and instance (recording rule "
+        "job_instance_agent:execwatch_executions_failed_per_finished:ratio_rate5m).",
         "percentunit",
         [
             (
-                'job_agent:execwatch_execution_failures:ratio_rate5m{job=~"$job", agent=~"$agent"}',
-                "{{agent}}",
+                "job_instance_agent:execwatch_executions_failed_per_finished:ratio_rate5m"
+                f"{{{AGENT}}}",
+                "{{agent}} {{instance}}",
             )
         ],
         max_value=1,
@@ -296,11 +300,26 @@ def overview() -> dict[str, Any]:
     b.row("Daemon health")
     b.panel(
         "Up",
-        "Whether Prometheus can scrape execwatch.",
+        "Whether Prometheus can scrape execwatch: 1 up, 0 down.",
         "none",
         [(f"up{{{SEL}}}", "{{instance}}")],
         kind="stat",
         width=6,
+        extra={
+            "mappings": [
+                {
+                    "type": "value",
+                    "options": {
+                        "0": {"text": "down", "color": "red"},
+                        "1": {"text": "up", "color": "green"},
+                    },
+                }
+            ],
+            "thresholds": {
+                "mode": "absolute",
+                "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}],
+            },
+        },
     )
     b.panel(
         "Detector loop",
@@ -309,9 +328,9 @@ def overview() -> dict[str, Any]:
         [
             (
                 f"time() - execwatch_detector_last_tick_timestamp_seconds{{{SEL}}}",
-                "since last tick",
+                "since last tick {{instance}}",
             ),
-            (f"execwatch_detector_loop_lag_seconds{{{SEL}}}", "loop lag"),
+            (f"execwatch_detector_loop_lag_seconds{{{SEL}}}", "loop lag {{instance}}"),
         ],
         width=6,
     )
@@ -319,7 +338,7 @@ def overview() -> dict[str, Any]:
         "Scrape cost",
         "Seconds the last scrape spent reading the state.",
         "s",
-        [(f"execwatch_collect_duration_seconds{{{SEL}}}", "collect")],
+        [(f"execwatch_collect_duration_seconds{{{SEL}}}", "collect {{instance}}")],
         width=6,
     )
     b.panel(
@@ -345,8 +364,8 @@ def agent() -> dict[str, Any]:
         "Executions by state",
         "This agent's executions held now, by state.",
         "short",
-        [(f"sum by (state) (execwatch_executions{{{AGENT}}})", "{{state}}")],
-        stack=True,
+        [(f"sum by (state) (execwatch_executions{{{ONE_AGENT}}})", "{{state}}")],
+        stack=False,
     )
     b.panel(
         "Finishes by state",
@@ -354,7 +373,7 @@ def agent() -> dict[str, Any]:
         "ops",
         [
             (
-                f"sum by (state) (rate(execwatch_executions_finished_total{{{AGENT}}}[{RI}]))",
+                f"sum by (state) (rate(execwatch_executions_finished_total{{{ONE_AGENT}}}[{RI}]))",
                 "{{state}}",
             )
         ],
@@ -366,12 +385,12 @@ def agent() -> dict[str, Any]:
         [
             (
                 f"histogram_quantile(0.5, sum by (le) "
-                f"(rate(execwatch_execution_duration_seconds_bucket{{{AGENT}}}[{RI}])))",
+                f"(rate(execwatch_execution_duration_seconds_bucket{{{ONE_AGENT}}}[{RI}])))",
                 "p50",
             ),
             (
                 f"histogram_quantile(0.95, sum by (le) "
-                f"(rate(execwatch_execution_duration_seconds_bucket{{{AGENT}}}[{RI}])))",
+                f"(rate(execwatch_execution_duration_seconds_bucket{{{ONE_AGENT}}}[{RI}])))",
                 "p95",
             ),
         ],
@@ -380,25 +399,30 @@ def agent() -> dict[str, Any]:
         "Detections",
         "This agent's detections per second, by reason.",
         "ops",
-        [(f"sum by (reason) (rate(execwatch_detections_total{{{AGENT}}}[{RI}]))", "{{reason}}")],
+        [
+            (
+                f"sum by (reason) (rate(execwatch_detections_total{{{ONE_AGENT}}}[{RI}]))",
+                "{{reason}}",
+            )
+        ],
     )
     b.panel(
         "Findings",
         "This agent's active findings.",
         "short",
-        [(f"sum by (finding) (execwatch_findings{{{AGENT}}})", "{{finding}}")],
+        [(f"sum by (finding) (execwatch_findings{{{ONE_AGENT}}})", "{{finding}}")],
     )
     b.panel(
         "Breaker",
         "This agent's breaker: 1 for its current state.",
         "short",
-        [(f"max by (state) (execwatch_circuit_breaker_state{{{AGENT}}})", "{{state}}")],
+        [(f"max by (state) (execwatch_circuit_breaker_state{{{ONE_AGENT}}})", "{{state}}")],
     )
     b.panel(
         "Breaker failure rate",
         "Failure rate over the breaker's sliding window.",
         "percentunit",
-        [(f"max(execwatch_circuit_breaker_failure_rate{{{AGENT}}})", "failure rate")],
+        [(f"max(execwatch_circuit_breaker_failure_rate{{{ONE_AGENT}}})", "failure rate")],
         max_value=1,
     )
     b.panel(
@@ -407,7 +431,7 @@ def agent() -> dict[str, Any]:
         "ops",
         [
             (
-                f"sum(rate(execwatch_circuit_breaker_not_permitted_calls_total{{{AGENT}}}[{RI}]))",
+                f"sum(rate(execwatch_circuit_breaker_not_permitted_calls_total{{{ONE_AGENT}}}[{RI}]))",
                 "refused",
             )
         ],
@@ -416,19 +440,19 @@ def agent() -> dict[str, Any]:
         "Heartbeats",
         "Heartbeats per second.",
         "ops",
-        [(f"sum(rate(execwatch_heartbeats_total{{{AGENT}}}[{RI}]))", "heartbeats")],
+        [(f"sum(rate(execwatch_heartbeats_total{{{ONE_AGENT}}}[{RI}]))", "heartbeats")],
     )
     b.panel(
         "Oldest heartbeat age",
         "Seconds since the oldest last heartbeat of a live execution.",
         "s",
-        [(f"time() - min(execwatch_oldest_heartbeat_timestamp_seconds{{{AGENT}}})", "age")],
+        [(f"time() - min(execwatch_oldest_heartbeat_timestamp_seconds{{{ONE_AGENT}}})", "age")],
     )
     b.panel(
         "Revivals",
         "Executions declared dead that showed proof of life (false deaths).",
         "ops",
-        [(f"sum(rate(execwatch_revivals_total{{{AGENT}}}[{RI}]))", "revivals")],
+        [(f"sum(rate(execwatch_revivals_total{{{ONE_AGENT}}}[{RI}]))", "revivals")],
     )
     return dashboard(
         "execwatch-agent",

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+REJECTION_REASONS = (
+    "invalid_body", "batch_too_large", "invalid_event", "invalid_json", "missing_field",
+    "unknown_field", "invalid_field", "unknown_state", "unknown_execution", "agent_mismatch",
+    "kind_mismatch", "invalid_transition", "final_state", "stale_seq",
+)  # fmt: skip
+"""Every reason a rejection can carry: its series start at 0."""
+
 
 @dataclass(slots=True)
 class IngestStats:
@@ -12,7 +19,9 @@ class IngestStats:
 
     received: Counter[str] = field(default_factory=Counter)
     """Events by `type` ("invalid" when the event could not be parsed)."""
-    rejected: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(
+        default_factory=lambda: Counter(dict.fromkeys(REJECTION_REASONS, 0))
+    )
     """Rejected events (and bodies) by reason."""
     duplicates: int = 0
     accepted: int = 0

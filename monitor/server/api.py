@@ -80,6 +80,7 @@ async def post_events(request: web.Request) -> web.Response:
         result = await ingestor.ingest(body, request.content_type, now)
     except Rejection as exc:  # the body as a whole: not JSON (400), too many events (413)
         ingestor.stats.rejected[exc.reason] += 1
+        ingestor.stats.received["invalid"] += 1  # received and rejected: the ratio stays true
         return error(exc.status, exc.message)
     except StoreUnavailable:
         return error(

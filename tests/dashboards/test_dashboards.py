@@ -5,12 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from exporters.prometheus import DETECTOR, FINDINGS
+from monitor.detectors.breaker import BreakerState
+from monitor.states import ExecState
 from monitor.testing import FakeClock
 from tests.conftest import ClientFactory
 from tests.integration.test_metrics import CONFIG, scenario, scrape
@@ -81,20 +86,103 @@ def test_dashboards_follow_the_linter_rules(path: Path) -> None:
         cells |= area
 
 
+SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?(\[[^\]]*\])?")
+FUNCTIONS = {"sum", "max", "min", "by", "rate", "increase", "histogram_quantile", "time", "le",
+             "avg", "count", "without"}  # fmt: skip
+UNITS = {"short", "ops", "percentunit", "s", "bytes", "none"}
+
+
 @pytest.mark.parametrize(("board", "title", "expr"), queries(), ids=lambda v: str(v)[:40])
 def test_every_query_selects_job_and_instance_and_uses_the_rate_interval(
     board: str, title: str, expr: str
 ) -> None:
-    """job and instance matchers on every selector (recording rules carry job only, having
-    summed instances away); every range is $__rate_interval."""
-    selectors = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", expr)
-    assert selectors, expr
-    for metric, matchers in selectors:
-        assert 'job=~"$job"' in matchers, f"{title}: {metric} without the job matcher"
-        if ":" not in metric:
-            assert 'instance=~"$instance"' in matchers, f"{title}: {metric} without instance"
-    for window in re.findall(r"\[([^\]]+)\]", expr):
-        assert "$__rate_interval" == window, f"{title}: a range of {window}"
+    """Every metric carries job and instance matchers; counters and histogram buckets appear
+    only under rate()/increase() over $__rate_interval, gauges never do."""
+
+    # Mask label values and grouping labels (same length, so offsets still match `expr`).
+    def mask(m: re.Match[str]) -> str:
+        return "#" * len(m.group())
+
+    text = re.sub(r'"[^"]*"', mask, expr)
+    text = re.sub(r"\b(by|without) \([^)]*\)", mask, text)
+    metrics = 0
+    for match in SELECTOR.finditer(text):
+        name, matchers, window = match.groups()
+        if name in FUNCTIONS or name.isdigit() or (name == "state" and matchers is None):
+            continue
+        metrics += 1
+        original = expr[match.start() :]
+        assert matchers is not None, f"{title}: {name} has no matchers"
+        assert original.startswith(f'{name}{{job=~"$job", instance=~"$instance"'), (
+            f"{title}: {name} without the job and instance matchers first"
+        )
+        counter = name.endswith(("_total", "_bucket"))
+        wrapped = re.search(r"(rate|increase)\($", text[: match.start()]) is not None
+        assert counter == wrapped, (
+            f"{title}: {name} {'needs' if counter else 'must not be in'} rate()"
+        )
+        if counter:
+            assert "[$__rate_interval]" == window, f"{title}: {name} over {window}"
+        else:
+            assert window is None, f"{title}: a range on the gauge {name}"
+    assert metrics, expr
+
+
+@pytest.mark.parametrize("path", BOARDS, ids=lambda p: p.name)
+def test_variables_and_units_follow_the_conventions(path: Path) -> None:
+    """Query variables refresh on time-range change, multi ones allow All as .+; known units."""
+    board = load(path)
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            assert 2 == variable["refresh"], variable["name"]
+            assert DATASOURCE == variable["datasource"]
+            if variable["multi"]:
+                assert (True, ".+") == (variable["includeAll"], variable["allValue"])
+    for panel in panels(board):
+        assert panel["fieldConfig"]["defaults"]["unit"] in UNITS, panel["title"]
+
+
+def test_every_dashboard_expression_parses_as_promql(tmp_path: Path) -> None:
+    """promtool parses them all (variables given example values), without a Prometheus."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make test installs it)")
+    values = {"$job": "execwatch", "$instance": ".+", "$agent": "a", "$__rate_interval": "1m"}
+    lines = ["groups:", "  - name: dashboards", "    rules:"]
+    for index, (_, _, template) in enumerate(queries()):
+        expr = template
+        for name, value in values.items():
+            expr = expr.replace(name, value)
+        lines += [f"      - record: dashboard_query_{index}", f"        expr: {json.dumps(expr)}"]
+    rules = tmp_path / "queries.yml"
+    rules.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert 0 == result.returncode, result.stdout + result.stderr
+
+
+def test_every_label_value_named_is_one_execwatch_exports() -> None:
+    """A typo in a reason, detector, finding or state would silently disable an alert."""
+    known = {
+        "reason": set(DETECTOR),
+        "detector": set(DETECTOR.values()),
+        "finding": set(FINDINGS),
+        "state": {s.value for s in ExecState} | {s.value for s in BreakerState},
+        "type": {"state", "heartbeat", "invalid"},
+    }
+    texts = [path.read_text() for path in BOARDS]
+    texts += [(ROOT / "prometheus" / name).read_text()
+              for name in ("execwatch_rules.yml", "execwatch_alerts.yml")]  # fmt: skip
+    found = 0
+    for raw in texts:
+        text = raw.replace('\\"', '"')
+        for label, operator, value in re.findall(
+            r'\b(reason|detector|finding|state|type)(=~?)"([^"]*)"', text
+        ):
+            for one in value.split("|") if operator == "=~" else [value]:
+                found += 1
+                assert one in known[label], f'{label}="{one}" is not a value execwatch exports'
+    assert found > 10
 
 
 def named_metrics(text: str) -> set[str]:
