@@ -474,10 +474,14 @@ class Registry:
     def restore(self, snapshot: dict[str, Any]) -> Execution:
         """Put back an execution from Execution.snapshot(), as it was (the replay at start-up).
 
-        Snapshots must come in their original registration order.
+        Snapshots must come in their original registration order. The execution keeps
+        its serial, so listing order and paging cursors survive a restart.
         """
-        self._serial += 1
-        ex = Execution.from_snapshot(snapshot, self._serial, self._history)
+        serial = snapshot.get("serial")
+        if not isinstance(serial, int) or serial <= self._serial:
+            serial = self._serial + 1
+        self._serial = serial
+        ex = Execution.from_snapshot(snapshot, serial, self._history)
         self._executions[ex.key] = ex
         self._count(ex, ex.state, 1)
         for finding, change in ex.findings.items():

@@ -16,6 +16,9 @@ from exporters.otel import tracing_environ
 from monitor.config import Settings
 from monitor.errors import ConfigError
 from monitor.server.app import make_app
+from monitor.store import Store
+from monitor.store.memory import NullStore
+from monitor.store.sqlite import SqliteStore
 
 log = structlog.get_logger("execwatch.server")
 
@@ -51,9 +54,16 @@ def check_exposure(settings: Settings, insecure: bool) -> None:
     )
 
 
+def open_store(database: str) -> Store:
+    """SQLite at `database`, or nothing kept for ":memory:"."""
+    if database == ":memory:":
+        return NullStore()
+    return SqliteStore(database)
+
+
 async def run(settings: Settings) -> None:
     """Serve `settings` until a signal asks to stop."""
-    app = make_app(settings, otel_environ=tracing_environ())
+    app = make_app(settings, store=open_store(settings.database), otel_environ=tracing_environ())
     runner = web.AppRunner(
         app,
         handle_signals=True,
@@ -87,12 +97,6 @@ def serve(settings: Settings, *, insecure: bool = False) -> None:
     """Check the exposure, then run until SIGTERM or SIGINT (a clean exit, status 0)."""
     check_exposure(settings, insecure)
     writer = configure_logging(settings.log_level, settings.log_format)
-    if settings.database != ":memory:":
-        log.warning(
-            "store_in_memory",
-            database=settings.database,
-            detail="the SQLite store is not built yet; state is kept in memory only",
-        )
     try:
         with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
             asyncio.run(run(settings))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,7 +19,9 @@ from monitor.events import LIMIT_FIELDS, parse_event, to_wire
 from monitor.registry import Registry
 from monitor.server.ingest import Ingestor
 from monitor.states import BUILTIN_ALIASES, FINAL, ExecState, StateNames
+from monitor.store import Store
 from monitor.store.memory import MemoryStore
+from monitor.store.sqlite import SqliteStore
 
 NAMES = StateNames()
 CANONICAL = {s.value for s in ExecState}
@@ -182,27 +187,47 @@ def test_parse_and_serialise_round_trip(wire: dict[str, Any]) -> None:
     assert to_wire(event)["state"] in CANONICAL
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.lists(wire_events, min_size=1, max_size=8), st.floats(0, 50)), max_size=12
-    )
+BATCHES = st.lists(
+    st.tuples(st.lists(wire_events, min_size=1, max_size=8), st.floats(0, 50)), max_size=12
 )
+
+
+@settings(max_examples=150, deadline=None)
+@given(BATCHES)
 def test_what_ingest_committed_replays_to_the_live_registry(
     batches: list[tuple[list[dict[str, Any]], float]],
 ) -> None:
     """The store holds exactly what was acknowledged: replaying it rebuilds the registry."""
+    assert_replay_matches(batches, MemoryStore)
 
+
+@settings(max_examples=40, deadline=None)
+@given(BATCHES)
+def test_the_sqlite_file_replays_to_the_live_registry(
+    batches: list[tuple[list[dict[str, Any]], float]],
+) -> None:
+    """The same through the real SQLite store, with a fresh store opened on the file."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory, "execwatch.db")
+        assert_replay_matches(batches, lambda: SqliteStore(path))
+
+
+def assert_replay_matches(
+    batches: list[tuple[list[dict[str, Any]], float]], open_store: Callable[[], Store]
+) -> None:
     async def scenario() -> tuple[Registry, Registry]:
         live = Registry(build_settings({}))
-        store = MemoryStore()
+        store = open_store()
         ingestor = Ingestor(Detectors(live, live.settings), store, NAMES)
         now = 1000.0
         for batch, dt in batches:
             now += dt
             await ingestor.ingest(orjson.dumps(batch), "application/json", now)
+        await store.close()
         replayed = Registry(live.settings)
-        replayed.restore_all(await store.load())
+        reopened = open_store() if isinstance(store, SqliteStore) else store
+        replayed.restore_all(await reopened.load())
+        await reopened.close()
         return live, replayed
 
     live, replayed = asyncio.run(scenario())
@@ -216,7 +241,6 @@ def test_what_ingest_committed_replays_to_the_live_registry(
         "rss_bytes",
         "rss_samples",
         "last_seq",
-        "serial",
     }
 
     def view(registry: Registry) -> list[dict[str, Any]]:

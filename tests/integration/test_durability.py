@@ -1,0 +1,131 @@
+"""What a real daemon on the SQLite store keeps across `kill -9` and restarts."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_daemon import Daemon
+
+BATCH = 4
+ROUNDS = 3
+
+
+def names(k: int) -> list[str]:
+    return [f"b{k}-{j}" for j in range(BATCH)]
+
+
+def batch(k: int) -> list[dict[str, Any]]:
+    """Batch k starts four executions and finishes the four of batch k-1: one request."""
+    events = [
+        {"type": "state", "execution_id": name, "agent": "a", "state": "running", "event_id": name}
+        for name in names(k)
+    ]
+    if k:
+        events += [
+            {"type": "state", "execution_id": name, "state": "succeeded"} for name in names(k - 1)
+        ]
+    return events
+
+
+def all_states(daemon: Daemon) -> dict[str, str]:
+    states: dict[str, str] = {}
+    cursor = ""
+    while True:
+        status, page = daemon.request("GET", f"/v1/executions?limit=1000{cursor}")
+        assert 200 == status, page
+        states.update({e["execution_id"]: e["state"] for e in page["executions"]})
+        if page["next_cursor"] is None:
+            return states
+        cursor = f"&cursor={page['next_cursor']}"
+
+
+class Writer(threading.Thread):
+    """Posts batch after batch, each after the previous was answered, until the daemon dies."""
+
+    def __init__(self, daemon: Daemon, first: int) -> None:
+        super().__init__(daemon=True)
+        self.target_daemon, self.next = daemon, first
+        self.acknowledged: list[int] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                status, answer = self.target_daemon.request("POST", "/v1/events", batch(self.next))
+            except OSError:
+                return  # killed mid-request: batch self.next is unacknowledged
+            assert 202 == status, answer
+            assert [] == answer["rejected"]
+            self.acknowledged.append(self.next)
+            self.next += 1
+
+
+def test_every_acknowledged_state_event_survives_kill_9(tmp_path: Path) -> None:
+    """kill -9 in the middle of a stream, three times: every acknowledged batch is there,
+    and the batch in flight is there whole or not at all."""
+    database = str(tmp_path / "execwatch.db")
+    rng = random.Random(7)
+    first = 0
+    for _ in range(ROUNDS):
+        daemon = Daemon("--database", database)
+        writer = Writer(daemon, first)
+        writer.start()
+        time.sleep(rng.uniform(0.3, 1.0))
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(timeout=10)
+        writer.join(timeout=15)
+        assert not writer.is_alive()
+        assert writer.acknowledged, "no batch was acknowledged before the kill"
+
+        restarted = Daemon("--database", database)
+        try:
+            states = all_states(restarted)
+        finally:
+            restarted.stop()
+        in_flight = writer.next
+        landed = names(in_flight)[0] in states
+        for k in range(in_flight + (1 if landed else 0)):
+            finished = k < in_flight - 1 or (k == in_flight - 1 and landed)
+            expected = "completed" if finished else "running"  # succeeded is its alias
+            assert dict.fromkeys(names(k), expected) == {
+                name: states.get(name) for name in names(k)
+            }, f"batch {k} (in flight: {in_flight})"
+        assert in_flight + (1 if landed else 0) == len(states) // BATCH
+        # Carry on as a client that retries would: resend the batch that was lost.
+        first = in_flight + 1 if landed else in_flight
+
+
+def test_a_restart_inside_the_heartbeat_timeout_kills_no_one_early(tmp_path: Path) -> None:
+    """The daemon is down past an execution's heartbeat timeout: after the restart it is
+    still running (fresh grace), and dead once the grace runs out with no heartbeat."""
+    config = tmp_path / "execwatch.toml"
+    config.write_text("[defaults]\nheartbeat_timeout_s = 3\n")
+    args = ("--database", str(tmp_path / "execwatch.db"), "--config", str(config))
+    first = Daemon(*args)
+    status, _ = first.request(
+        "POST", "/v1/events", {"type": "state", "execution_id": "r", "agent": "a",
+                               "state": "running"},
+    )  # fmt: skip
+    assert 202 == status
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    time.sleep(3.5)  # down for longer than the heartbeat timeout
+
+    second = Daemon(*args)
+    try:
+        restarted_at = time.time()
+        time.sleep(0.5)
+        status, ex = second.request("GET", "/v1/executions/r")
+        assert (200, "running") == (status, ex["state"])
+        deadline = time.monotonic() + 15
+        while ex["state"] != "dead" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            _, ex = second.request("GET", "/v1/executions/r")
+        assert "dead" == ex["state"]
+        assert ex["history"][-1]["detected_at"] >= restarted_at + 2.5  # not before the grace
+    finally:
+        second.stop()
