@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/detection.py
 	$(PY) bench/exporting.py
+	$(PY) bench/durability.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
