@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from monitor.config import BreakerSettings
 
@@ -210,6 +210,35 @@ class Breaker:
         self.trials_admitted = 0
         self.trial_outcomes = []
         return BreakerTransition(self.tenant, self.agent, old, new, at, rate, now)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every fact as plain data, for the store; from_snapshot() reads it back."""
+        return {
+            "tenant": self.tenant,
+            "agent": self.agent,
+            "state": self.state.value,
+            "since": self.since,
+            "window": [[at, failed] for at, failed in self.window],
+            "failure_rate": self.failure_rate,
+            "generation": self.generation,
+            "trials_admitted": self.trials_admitted,
+            "trial_outcomes": list(self.trial_outcomes),
+        }
+
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, Any], settings: BreakerSettings) -> Breaker:
+        """The breaker a snapshot describes, under today's settings (a window that
+        shrank keeps its newest outcomes)."""
+        breaker = cls(snap["tenant"], snap["agent"], settings)
+        breaker.state = BreakerState(snap["state"])
+        breaker.since = snap["since"]
+        breaker.window.extend((at, bool(failed)) for at, failed in snap["window"])
+        breaker.failures = sum(failed for _, failed in breaker.window)
+        breaker.failure_rate = snap["failure_rate"]
+        breaker.generation = snap["generation"]
+        breaker.trials_admitted = snap["trials_admitted"]
+        breaker.trial_outcomes = [bool(o) for o in snap["trial_outcomes"]]
+        return breaker
 
     def to_dict(self, now: float) -> dict[str, object]:
         """What GET /v1/breakers/{agent} answers."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from monitor.config import Settings
 from monitor.detectors.breaker import Breaker, BreakerState, BreakerTransition
@@ -73,6 +75,10 @@ class Detectors:
         self._order = itertools.count()
         self.breakers: dict[tuple[str, str], Breaker] = {}
         self._breaker_heap: list[tuple[float, int, tuple[str, str]]] = []
+        self.dirty_breakers: dict[tuple[str, str], Breaker] = {}
+        """Breakers changed since the last commit: what the store must write."""
+        self.forgotten_breakers: list[tuple[str, str]] = []
+        """Breakers forgotten since the last commit: what the store must delete."""
         self.outbox: list[Record] = []
         """Breaker transitions made on the ingest path, drained with the registry's."""
         self.sighted_since = float("-inf")
@@ -121,6 +127,7 @@ class Detectors:
             if breaker is not None and breaker.state is not _CLOSED:
                 self._tick_breaker(breaker, now)  # a move due right now must count already
                 admitted = breaker.admit()
+                self.dirty_breakers[(ex.tenant, ex.agent)] = breaker
                 if admitted is None:
                     self.not_permitted[(ex.tenant, ex.agent)] += 1
                     self.registry.request_cancel(ex, "circuit_open")
@@ -131,11 +138,14 @@ class Detectors:
             breaker = self.breakers.get((ex.tenant, ex.agent))
             if breaker is not None:
                 breaker.retract(ex.outcome_at, ex.outcome_failed)
+                self.dirty_breakers[(ex.tenant, ex.agent)] = breaker
             ex.outcome_at = None
         if new in TERMINAL and ex.cancel_reason != "circuit_open":  # refused: it never ran
             if new is _CANCELLED:
                 if ex.breaker_trial:
-                    self._breaker(ex, now).release(ex.breaker_trial)
+                    breaker = self._breaker(ex, now)
+                    breaker.release(ex.breaker_trial)
+                    self.dirty_breakers[(ex.tenant, ex.agent)] = breaker
             elif ex.outcome_at is None:
                 self._outcome(ex, new in _FAILURES, now)
         if new in LIVE:
@@ -379,11 +389,14 @@ class Detectors:
             chosen[bkey] = None
         for bkey in chosen:
             del self.breakers[bkey]
+            self.dirty_breakers.pop(bkey, None)
+            self.forgotten_breakers.append(bkey)
 
     def _outcome(self, ex: Execution, failed: bool, now: float) -> None:
         breaker = self._breaker(ex, now)
         self._tick_breaker(breaker, now)
         ex.outcome_at, ex.outcome_failed = now, failed
+        self.dirty_breakers[(ex.tenant, ex.agent)] = breaker
         self._moved(breaker, breaker.record(failed, now, ex.breaker_trial))
 
     def _tick_breaker(self, breaker: Breaker, now: float) -> None:
@@ -393,10 +406,41 @@ class Detectors:
         if moved is None:
             return
         self.outbox.append(moved)
+        self.dirty_breakers[(breaker.tenant, breaker.agent)] = breaker
+        self._queue_breaker(breaker)
+
+    def _queue_breaker(self, breaker: Breaker) -> None:
         due = breaker.due_at
         if due is not None:
             bkey = (breaker.tenant, breaker.agent)
             heapq.heappush(self._breaker_heap, (due, next(self._order), bkey))
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def take_breaker_changes(self) -> tuple[dict[tuple[str, str], Breaker], list[tuple[str, str]]]:
+        """Hand over the breakers changed and forgotten since the last commit."""
+        dirty, forgotten = self.dirty_breakers, self.forgotten_breakers
+        self.dirty_breakers, self.forgotten_breakers = {}, []
+        return dirty, forgotten
+
+    def return_breaker_changes(
+        self, dirty: dict[tuple[str, str], Breaker], forgotten: list[tuple[str, str]]
+    ) -> None:
+        """A commit failed: its breaker changes are owed to the next one."""
+        for bkey, breaker in dirty.items():
+            if self.breakers.get(bkey) is breaker:
+                self.dirty_breakers.setdefault(bkey, breaker)
+        self.forgotten_breakers[:0] = forgotten
+
+    def restore_breakers(self, snapshots: Iterable[dict[str, Any]]) -> int:
+        """Put back the breakers of a replay, with their moves on time queued; how many."""
+        count = 0
+        for snap in snapshots:
+            breaker = Breaker.from_snapshot(snap, self.settings.breaker)
+            self.breakers[(breaker.tenant, breaker.agent)] = breaker
+            self._queue_breaker(breaker)
+            count += 1
+        return count
 
     def drain_not_permitted(self) -> Counter[tuple[str, str]]:
         """Refusals per (tenant, agent) since the last drain (the metrics keep the totals)."""

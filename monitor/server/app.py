@@ -132,11 +132,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     watching while it was down), then declare the daemon ready; close the store at exit."""
     registry, detectors, store, health = app[REGISTRY], app[DETECTORS], app[STORE], app[HEALTH]
     restored = registry.restore_all(await store.load())
+    breakers = detectors.restore_breakers(await store.load_breakers())
     detectors.regain_sight(app[CLOCK]())
     detectors.schedule_all()
     freeze_long_lived()
     health.ready = True
-    log.info("store_replayed", executions=restored)
+    log.info("store_replayed", executions=restored, breakers=breakers)
     yield
     health.ready = False
     await store.close()

@@ -177,12 +177,23 @@ class Ingestor:
         if side:
             records = [*records, *side]
         try:
-            if registry.dirty or registry.evicted:
+            detectors = self.detectors
+            if (
+                registry.dirty
+                or registry.evicted
+                or detectors.dirty_breakers
+                or detectors.forgotten_breakers
+            ):
                 dirty, evicted = registry.take_changes()
+                breakers, forgotten = detectors.take_breaker_changes()
+                changes = Changes(
+                    records, list(dirty.values()), evicted, list(breakers.values()), forgotten
+                )
                 try:
-                    await self.store.commit(Changes(records, list(dirty.values()), evicted))
+                    await self.store.commit(changes)
                 except Exception as exc:
                     registry.return_changes(dirty, evicted)
+                    detectors.return_breaker_changes(breakers, forgotten)
                     self.stats.store_failures += 1
                     log.exception("store_commit_failed", executions=len(dirty))
                     raise StoreUnavailable(str(exc)) from exc

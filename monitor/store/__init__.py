@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from monitor.detectors.breaker import Breaker
 from monitor.detectors.engine import Record
 from monitor.model import Execution, Key
 
@@ -23,6 +24,10 @@ class Changes:
     """Every execution changed, live objects: commit() must snapshot them before its first
     await, because the registry goes on changing them."""
     evicted: Sequence[Key] = ()
+    breakers: Sequence[Breaker] = ()
+    """Every breaker changed, live objects: snapshot them before the first await too."""
+    forgotten_breakers: Sequence[tuple[str, str]] = ()
+    """(tenant, agent) of the breakers forgotten: delete them."""
 
 
 class Store(Protocol):
@@ -30,6 +35,10 @@ class Store(Protocol):
 
     async def load(self) -> list[Snapshot]:
         """Every kept execution, in registration order, for Registry.restore()."""
+        ...
+
+    async def load_breakers(self) -> list[Snapshot]:
+        """Every kept breaker, as Breaker.snapshot() wrote it."""
         ...
 
     async def commit(self, changes: Changes) -> None:

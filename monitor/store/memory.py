@@ -10,17 +10,25 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.snapshots: dict[tuple[str, str], Snapshot] = {}
+        self.breakers: dict[tuple[str, str], Snapshot] = {}
         self.commits = 0
         self.closed = False
 
     async def load(self) -> list[Snapshot]:
         return sorted(self.snapshots.values(), key=lambda snap: int(snap["serial"]))
 
+    async def load_breakers(self) -> list[Snapshot]:
+        return list(self.breakers.values())
+
     async def commit(self, changes: Changes) -> None:
         for ex in changes.executions:
             self.snapshots[ex.key] = ex.snapshot()
         for key in changes.evicted:
             self.snapshots.pop(key, None)
+        for breaker in changes.breakers:
+            self.breakers[(breaker.tenant, breaker.agent)] = breaker.snapshot()
+        for bkey in changes.forgotten_breakers:
+            self.breakers.pop(bkey, None)
         self.commits += 1
 
     async def close(self) -> None:
@@ -34,6 +42,9 @@ class NullStore:
     no one will read."""
 
     async def load(self) -> list[Snapshot]:
+        return []
+
+    async def load_breakers(self) -> list[Snapshot]:
         return []
 
     async def commit(self, changes: Changes) -> None:

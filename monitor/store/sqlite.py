@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS executions (
     snapshot BLOB NOT NULL,
     PRIMARY KEY (tenant, execution_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS breakers (
+    tenant TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    snapshot BLOB NOT NULL,
+    PRIMARY KEY (tenant, agent)
+) WITHOUT ROWID;
 """
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """The WAL file is truncated back to this size after a checkpoint, so it stays bounded."""
@@ -46,6 +52,8 @@ class _Pending:
 
     rows: list[Row]
     evicted: list[Key]
+    breakers: list[tuple[str, str, bytes]]
+    forgotten: list[tuple[str, str]]
     done: asyncio.Future[None] = field(repr=False)
 
 
@@ -107,16 +115,29 @@ class SqliteStore:
         cursor = self._db.execute("SELECT snapshot FROM executions ORDER BY serial")
         return [orjson.loads(blob) for (blob,) in cursor]
 
+    async def load_breakers(self) -> list[Snapshot]:
+        rows = await self._run(self._read_breakers)
+        assert isinstance(rows, list)
+        return rows
+
+    def _read_breakers(self) -> list[Snapshot]:
+        cursor = self._db.execute("SELECT snapshot FROM breakers")
+        return [orjson.loads(blob) for (blob,) in cursor]
+
     async def commit(self, changes: Changes) -> None:
         # Snapshot now: the registry goes on changing these objects after the first await.
         rows = [
             (ex.tenant, ex.execution_id, ex.serial, orjson.dumps(ex.snapshot()))
             for ex in changes.executions
         ]
-        if not rows and not changes.evicted:
+        breakers = [(b.tenant, b.agent, orjson.dumps(b.snapshot())) for b in changes.breakers]
+        if not (rows or changes.evicted or breakers or changes.forgotten_breakers):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, list(changes.evicted), done))
+        pending = _Pending(
+            rows, list(changes.evicted), breakers, list(changes.forgotten_breakers), done
+        )
+        self._queue.append(pending)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
         # A caller that goes away (a client disconnect) must not cancel the others' write.
@@ -152,6 +173,14 @@ class SqliteStore:
                 if pending.rows:
                     db.executemany(
                         "INSERT OR REPLACE INTO executions VALUES (?, ?, ?, ?)", pending.rows
+                    )
+                if pending.forgotten:
+                    db.executemany(
+                        "DELETE FROM breakers WHERE tenant = ? AND agent = ?", pending.forgotten
+                    )
+                if pending.breakers:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO breakers VALUES (?, ?, ?)", pending.breakers
                     )
             db.execute("COMMIT")
         except BaseException:

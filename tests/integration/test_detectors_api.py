@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from monitor.server.keys import DETECTORS, INGESTOR
 from monitor.store.memory import MemoryStore
+from monitor.store.sqlite import SqliteStore
 from monitor.testing import FakeClock, RecordingSink, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client, get, post
@@ -190,3 +192,32 @@ async def test_a_wall_clock_jump_is_blindness(make_client: ClientFactory, clock:
             break
     assert spells + 1 == client.app[DETECTORS].blind_spells
     assert "running" == (await get(client, "/v1/executions/r"))["state"]
+
+
+async def test_an_open_breaker_stays_open_across_a_restart(
+    make_client: ClientFactory, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A restart must not let a failing agent's traffic through: the breaker comes back
+    open from the SQLite file, then moves on time to half_open and closes on trials."""
+    config: dict[str, Any] = {
+        "breaker": {"minimum_calls": 2, "wait_in_open_s": 30, "permitted_calls_in_half_open": 1}
+    }
+    client = await make_client(config, store=SqliteStore(tmp_path / "x.db"))
+    for i in range(2):
+        await post(client, [state_event(f"r{i}", "running", agent="a"),
+                            state_event(f"r{i}", "failed", error="boom")])  # fmt: skip
+    await client.close()
+
+    clock.advance(10)
+    restarted = await make_client(config, store=SqliteStore(tmp_path / "x.db"))
+    breaker = await get(restarted, "/v1/breakers/a")
+    assert ("open", 1.0, 20.0) == (
+        breaker["state"], breaker["failure_rate"], breaker["retry_after_s"]
+    )  # fmt: skip
+    answer = await post(restarted, state_event("r9", "queued", agent="a"))
+    assert ["circuit_open"] == [d["reason"] for d in answer["directives"]]
+    await tick(restarted, clock, 20)
+    assert "half_open" == (await get(restarted, "/v1/breakers/a"))["state"]
+    await post(restarted, [state_event("t", "running", agent="a"),
+                           state_event("t", "completed")])  # fmt: skip
+    assert "closed" == (await get(restarted, "/v1/breakers/a"))["state"]

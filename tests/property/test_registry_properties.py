@@ -215,8 +215,8 @@ def test_the_sqlite_file_replays_to_the_live_registry(
 def assert_replay_matches(
     batches: list[tuple[list[dict[str, Any]], float]], open_store: Callable[[], Store]
 ) -> None:
-    async def scenario() -> tuple[Registry, Registry]:
-        live = Registry(build_settings({}))
+    async def scenario() -> tuple[Detectors, Detectors]:
+        live = Registry(build_settings({"breaker": {"minimum_calls": 2}}))
         store = open_store()
         ingestor = Ingestor(Detectors(live, live.settings), store, NAMES)
         now = 1000.0
@@ -224,11 +224,12 @@ def assert_replay_matches(
             now += dt
             await ingestor.ingest(orjson.dumps(batch), "application/json", now)
         await store.close()
-        replayed = Registry(live.settings)
+        replayed = Detectors(Registry(live.settings), live.settings)
         reopened = open_store() if isinstance(store, SqliteStore) else store
-        replayed.restore_all(await reopened.load())
+        replayed.registry.restore_all(await reopened.load())
+        replayed.restore_breakers(await reopened.load_breakers())
         await reopened.close()
-        return live, replayed
+        return ingestor.detectors, replayed
 
     live, replayed = asyncio.run(scenario())
 
@@ -246,4 +247,12 @@ def assert_replay_matches(
     def view(registry: Registry) -> list[dict[str, Any]]:
         return [{k: v for k, v in ex.snapshot().items() if k not in liveness} for ex in registry]
 
-    assert view(live) == view(replayed)
+    assert view(live.registry) == view(replayed.registry)
+
+    def breakers(detectors: Detectors) -> dict[tuple[str, str], dict[str, Any]]:
+        return {key: b.snapshot() for key, b in detectors.breakers.items()}
+
+    # Breakers created but never changed (admission into a closed one) are not written.
+    assert {k: v for k, v in breakers(live).items() if v["window"] or v["state"] != "closed"} == {
+        k: v for k, v in breakers(replayed).items() if v["window"] or v["state"] != "closed"
+    }
