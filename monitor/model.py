@@ -102,6 +102,13 @@ _PLAIN = (
 )  # fmt: skip
 
 
+LIVENESS = (
+    "updated_at", "last_heartbeat_at", "last_progress_at", "progress", "rss_bytes",
+    "rss_sampled", "last_seq", "rss_samples",
+)  # fmt: skip
+"""The snapshot keys Execution.liveness() holds, in its order."""
+
+
 class Execution:
     """One execution as the registry knows it. Mutated only by the registry and detectors.
 
@@ -217,6 +224,15 @@ class Execution:
             "findings": [f.to_dict() for f in self.findings.values()],
             "history": [t.to_dict() for t in self.history],
         }
+
+    def liveness(self) -> list[Any]:
+        """The facts every heartbeat changes, in LIVENESS order (rss_samples last): what a
+        checkpoint writes between the full snapshots that state changes write."""
+        return [
+            self.updated_at, self.last_heartbeat_at, self.last_progress_at, self.progress,
+            self.rss_bytes, self.rss_sampled, self.last_seq,
+            [list(s) for s in self.rss_samples],
+        ]  # fmt: skip
 
     def snapshot(self) -> dict[str, Any]:
         """Every fact as plain data, for the store; Registry.restore() reads it back."""

@@ -63,6 +63,8 @@ class Registry:
         self.dirty: dict[Key, Execution] = {}
         """Executions changed since the last commit: what the store must write before an ack."""
         self.evicted: list[Key] = []
+        self.touched: dict[Key, Execution] = {}
+        """Executions whose liveness facts changed since the last checkpoint."""
         """Keys evicted since the last commit: what the store must forget."""
         self.outbox: list[Record] = []
         """Side records not returned by apply(); drained by whoever commits."""
@@ -238,6 +240,7 @@ class Registry:
         """Copy an accepted event's liveness facts onto the execution."""
         ex.updated_at = now
         ex.last_heartbeat_at = now
+        self.touched[ex.key] = ex
         if event.seq is not None:
             ex.last_seq = event.seq
         if event.progress is not None and event.progress != ex.progress:
@@ -453,6 +456,12 @@ class Registry:
         dirty, evicted = self.dirty, self.evicted
         self.dirty, self.evicted = {}, []
         return dirty, evicted
+
+    def take_touched(self) -> list[Execution]:
+        """Hand over the executions a checkpoint must write (live, not written whole)."""
+        touched, self.touched = self.touched, {}
+        executions, dirty = self._executions, self.dirty
+        return [ex for key, ex in touched.items() if key not in dirty and executions.get(key) is ex]
 
     def return_changes(self, dirty: Mapping[Key, Execution], evicted: list[Key]) -> None:
         """A commit failed: its changes are owed to the next one."""

@@ -156,6 +156,7 @@ class Detectors:
         ex.rss_bytes = rss
         ex.rss_sampled = True
         ex.rss_samples.append((now, rss))
+        self.registry.touched[ex.key] = ex
         self._memory(ex, now)
 
     # ---- the sweep -----------------------------------------------------------------------

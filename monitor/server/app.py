@@ -140,4 +140,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     log.info("store_replayed", executions=restored, breakers=breakers)
     yield
     health.ready = False
+    try:
+        await app[INGESTOR].commit(checkpoint=True)  # the last heartbeats, and anything owed
+    except Exception:
+        log.exception("final_checkpoint_failed")
     await store.close()

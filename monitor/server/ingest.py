@@ -169,31 +169,43 @@ class Ingestor:
         status = rejected[0]["status"] if decoded.single and rejected else 202
         return IngestResult(status, answer)
 
-    async def commit(self, records: Sequence[Record] = ()) -> None:
+    async def commit(self, records: Sequence[Record] = (), *, checkpoint: bool = False) -> None:
         """Make every owed change durable, then hand `records` and the registry's side
-        records to every sink. Nothing is acknowledged before this returns."""
+        records to every sink. Nothing is acknowledged before this returns.
+
+        With `checkpoint`, also write the liveness facts (heartbeat times, progress, rss,
+        seq) that heartbeats changed since the last checkpoint."""
         registry = self.registry
         side = self.detectors.drain()
         if side:
             records = [*records, *side]
         try:
             detectors = self.detectors
+            touched = registry.take_touched() if checkpoint else []
             if (
                 registry.dirty
                 or registry.evicted
                 or detectors.dirty_breakers
                 or detectors.forgotten_breakers
+                or touched
             ):
                 dirty, evicted = registry.take_changes()
                 breakers, forgotten = detectors.take_breaker_changes()
                 changes = Changes(
-                    records, list(dirty.values()), evicted, list(breakers.values()), forgotten
+                    records,
+                    list(dirty.values()),
+                    evicted,
+                    list(breakers.values()),
+                    forgotten,
+                    touched,
                 )
                 try:
                     await self.store.commit(changes)
                 except Exception as exc:
                     registry.return_changes(dirty, evicted)
                     detectors.return_breaker_changes(breakers, forgotten)
+                    for ex in touched:
+                        registry.touched.setdefault(ex.key, ex)
                     self.stats.store_failures += 1
                     log.exception("store_commit_failed", executions=len(dirty))
                     raise StoreUnavailable(str(exc)) from exc

@@ -129,6 +129,7 @@ async def run_ticks(app: web.Application) -> None:
     expected = time.monotonic()
     frozen_at = expected
     last_wall, last_mono = clock(), expected
+    checkpointed_at = expected
     while True:
         woke = time.monotonic()
         if woke - frozen_at >= FREEZE_EVERY_S:
@@ -145,6 +146,12 @@ async def run_ticks(app: web.Application) -> None:
             detectors.regain_sight(now)
             log.warning("detector_was_blind", loop_lag_s=round(lag, 3), clock_jump_s=round(jump, 3))
         await _tick(detectors, ingestor, terminator, now, clock)
+        if time.monotonic() - checkpointed_at >= CHECKPOINT_EVERY_S:
+            checkpointed_at = time.monotonic()
+            try:
+                await ingestor.commit(checkpoint=True)
+            except Exception:
+                log.exception("checkpoint_failed")  # owed to the next one; the loop goes on
         next_due = detectors.next_due()
         sleep = settings.interval_s
         if next_due is not None:
@@ -154,6 +161,8 @@ async def run_ticks(app: web.Application) -> None:
 
 
 FREEZE_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 5.0
+"""Heartbeats' liveness facts are written this often (state changes: before each ack)."""
 
 
 def freeze_long_lived() -> None:

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from monitor.detectors.breaker import Breaker
 from monitor.detectors.engine import Record
-from monitor.model import Execution, Key
+from monitor.model import LIVENESS, Execution, Key
 
 Snapshot = dict[str, Any]
 """An execution as Execution.snapshot() writes it and Registry.restore() reads it."""
@@ -28,6 +28,16 @@ class Changes:
     """Every breaker changed, live objects: snapshot them before the first await too."""
     forgotten_breakers: Sequence[tuple[str, str]] = ()
     """(tenant, agent) of the breakers forgotten: delete them."""
+    liveness: Sequence[Execution] = ()
+    """A checkpoint: executions whose Execution.liveness() facts changed. These may be
+    read after an await (a newer value is as good a checkpoint), in slices."""
+
+
+def merge_liveness(snap: Snapshot, facts: list[Any]) -> None:
+    """Lay a checkpoint's Execution.liveness() facts over a snapshot, unless the snapshot
+    was written after them (its `updated_at` is as new or newer)."""
+    if facts[0] > snap["updated_at"]:
+        snap.update(zip(LIVENESS, facts, strict=True))
 
 
 class Store(Protocol):

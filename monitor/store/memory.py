@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitor.store import Changes, Snapshot
+from monitor.store import Changes, Snapshot, merge_liveness
 
 
 class MemoryStore:
@@ -25,6 +25,10 @@ class MemoryStore:
             self.snapshots[ex.key] = ex.snapshot()
         for key in changes.evicted:
             self.snapshots.pop(key, None)
+        for ex in changes.liveness:
+            snap = self.snapshots.get(ex.key)
+            if snap is not None:
+                merge_liveness(snap, ex.liveness())
         for breaker in changes.breakers:
             self.breakers[(breaker.tenant, breaker.agent)] = breaker.snapshot()
         for bkey in changes.forgotten_breakers:

@@ -22,7 +22,7 @@ import orjson
 
 from monitor.errors import ConfigError
 from monitor.model import Key
-from monitor.store import Changes, Snapshot
+from monitor.store import Changes, Snapshot, merge_liveness
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS executions (
     execution_id TEXT NOT NULL,
     serial INTEGER NOT NULL,
     snapshot BLOB NOT NULL,
+    PRIMARY KEY (tenant, execution_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS liveness (
+    tenant TEXT NOT NULL,
+    execution_id TEXT NOT NULL,
+    facts BLOB NOT NULL,
     PRIMARY KEY (tenant, execution_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS breakers (
@@ -44,6 +50,8 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """The WAL file is truncated back to this size after a checkpoint, so it stays bounded."""
 
 Row = tuple[str, str, int, bytes]
+LIVENESS_SLICE = 5000
+"""Checkpoint rows serialized between two yields to the event loop."""
 
 
 @dataclass(slots=True)
@@ -54,6 +62,7 @@ class _Pending:
     evicted: list[Key]
     breakers: list[tuple[str, str, bytes]]
     forgotten: list[tuple[str, str]]
+    liveness: list[tuple[str, str, bytes]]
     done: asyncio.Future[None] = field(repr=False)
 
 
@@ -112,8 +121,17 @@ class SqliteStore:
         return rows
 
     def _read(self) -> list[Snapshot]:
-        cursor = self._db.execute("SELECT snapshot FROM executions ORDER BY serial")
-        return [orjson.loads(blob) for (blob,) in cursor]
+        cursor = self._db.execute(
+            "SELECT e.snapshot, l.facts FROM executions AS e LEFT JOIN liveness AS l"
+            " USING (tenant, execution_id) ORDER BY e.serial"
+        )
+        snapshots = []
+        for blob, facts in cursor:
+            snap = orjson.loads(blob)
+            if facts is not None:
+                merge_liveness(snap, orjson.loads(facts))
+            snapshots.append(snap)
+        return snapshots
 
     async def load_breakers(self) -> list[Snapshot]:
         rows = await self._run(self._read_breakers)
@@ -131,12 +149,19 @@ class SqliteStore:
             for ex in changes.executions
         ]
         breakers = [(b.tenant, b.agent, orjson.dumps(b.snapshot())) for b in changes.breakers]
-        if not (rows or changes.evicted or breakers or changes.forgotten_breakers):
+        evicted, forgotten = list(changes.evicted), list(changes.forgotten_breakers)
+        liveness: list[tuple[str, str, bytes]] = []
+        for start in range(0, len(changes.liveness), LIVENESS_SLICE):
+            if start:
+                await asyncio.sleep(0)  # 100k heartbeating executions: no 150 ms stall
+            liveness.extend(
+                (ex.tenant, ex.execution_id, orjson.dumps(ex.liveness()))
+                for ex in changes.liveness[start : start + LIVENESS_SLICE]
+            )
+        if not (rows or evicted or breakers or forgotten or liveness):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(
-            rows, list(changes.evicted), breakers, list(changes.forgotten_breakers), done
-        )
+        pending = _Pending(rows, evicted, breakers, forgotten, liveness, done)
         self._queue.append(pending)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
@@ -170,9 +195,17 @@ class SqliteStore:
                         "DELETE FROM executions WHERE tenant = ? AND execution_id = ?",
                         pending.evicted,
                     )
+                    db.executemany(
+                        "DELETE FROM liveness WHERE tenant = ? AND execution_id = ?",
+                        pending.evicted,
+                    )
                 if pending.rows:
                     db.executemany(
                         "INSERT OR REPLACE INTO executions VALUES (?, ?, ?, ?)", pending.rows
+                    )
+                if pending.liveness:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO liveness VALUES (?, ?, ?)", pending.liveness
                     )
                 if pending.forgotten:
                     db.executemany(

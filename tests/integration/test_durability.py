@@ -129,3 +129,35 @@ def test_a_restart_inside_the_heartbeat_timeout_kills_no_one_early(tmp_path: Pat
         assert ex["history"][-1]["detected_at"] >= restarted_at + 2.5  # not before the grace
     finally:
         second.stop()
+
+
+def test_sigterm_checkpoints_the_heartbeats(tmp_path: Path) -> None:
+    """Heartbeats are not written per event; SIGTERM writes the last checkpoint, so
+    progress and seq come back after a clean restart."""
+    args = ("--database", str(tmp_path / "execwatch.db"))
+    first = Daemon(*args)
+    first.request("POST", "/v1/events", {"type": "state", "execution_id": "r", "agent": "a",
+                                         "state": "running"})  # fmt: skip
+    for seq in range(1, 6):
+        status, _ = first.request(
+            "POST", "/v1/events",
+            {"type": "heartbeat", "execution_id": "r", "seq": seq, "progress": seq * 10},
+        )  # fmt: skip
+        assert 202 == status
+    started = time.monotonic()
+    assert 0 == first.stop()
+    assert time.monotonic() - started < 15  # bounded, well inside a 30 s kill grace
+
+    second = Daemon(*args)
+    try:
+        status, ex = second.request("GET", "/v1/executions/r")
+    finally:
+        second.stop()
+    assert (200, "running", 50) == (status, ex["state"], ex["progress"])
+    stale = {"type": "heartbeat", "execution_id": "r", "seq": 4}
+    third = Daemon(*args)
+    try:
+        status, answer = third.request("POST", "/v1/events", stale)
+    finally:
+        third.stop()
+    assert (409, "stale_seq") == (status, answer["rejected"][0]["reason"])

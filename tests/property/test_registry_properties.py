@@ -16,6 +16,7 @@ from monitor.config import build_settings
 from monitor.detectors.engine import Detectors
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import LIMIT_FIELDS, parse_event, to_wire
+from monitor.model import LIVENESS
 from monitor.registry import Registry
 from monitor.server.ingest import Ingestor
 from monitor.states import BUILTIN_ALIASES, FINAL, ExecState, StateNames
@@ -212,8 +213,29 @@ def test_the_sqlite_file_replays_to_the_live_registry(
         assert_replay_matches(batches, lambda: SqliteStore(path))
 
 
+@settings(max_examples=40, deadline=None)
+@given(BATCHES)
+def test_with_checkpoints_the_sqlite_file_replays_liveness_too(
+    batches: list[tuple[list[dict[str, Any]], float]],
+) -> None:
+    """A checkpoint after every batch: heartbeat times, progress, rss and seq come back."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory, "execwatch.db")
+        assert_replay_matches(batches, lambda: SqliteStore(path), checkpoints=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(BATCHES)
+def test_with_checkpoints_the_memory_store_replays_liveness_too(
+    batches: list[tuple[list[dict[str, Any]], float]],
+) -> None:
+    assert_replay_matches(batches, MemoryStore, checkpoints=True)
+
+
 def assert_replay_matches(
-    batches: list[tuple[list[dict[str, Any]], float]], open_store: Callable[[], Store]
+    batches: list[tuple[list[dict[str, Any]], float]],
+    open_store: Callable[[], Store],
+    checkpoints: bool = False,
 ) -> None:
     async def scenario() -> tuple[Detectors, Detectors]:
         live = Registry(build_settings({"breaker": {"minimum_calls": 2}}))
@@ -223,6 +245,8 @@ def assert_replay_matches(
         for batch, dt in batches:
             now += dt
             await ingestor.ingest(orjson.dumps(batch), "application/json", now)
+            if checkpoints:
+                await ingestor.commit(checkpoint=True)
         await store.close()
         replayed = Detectors(Registry(live.settings), live.settings)
         reopened = open_store() if isinstance(store, SqliteStore) else store
@@ -233,16 +257,9 @@ def assert_replay_matches(
 
     live, replayed = asyncio.run(scenario())
 
-    # Liveness facts are checkpointed, not committed per event: compare everything else.
-    liveness = {
-        "last_heartbeat_at",
-        "updated_at",
-        "last_progress_at",
-        "progress",
-        "rss_bytes",
-        "rss_samples",
-        "last_seq",
-    }
+    # Liveness facts are checkpointed, not committed per event: without a checkpoint
+    # after each batch, compare everything else.
+    liveness = set() if checkpoints else set(LIVENESS)
 
     def view(registry: Registry) -> list[dict[str, Any]]:
         return [{k: v for k, v in ex.snapshot().items() if k not in liveness} for ex in registry]

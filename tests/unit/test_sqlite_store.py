@@ -103,3 +103,48 @@ async def test_the_file_is_in_wal_mode(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "x.db")
     assert "wal" == db.execute("PRAGMA journal_mode").fetchone()[0]
     db.close()
+
+
+async def test_a_snapshot_newer_than_the_checkpoint_wins(tmp_path: Path) -> None:
+    """Heartbeat, checkpoint, then a state change commits a whole snapshot: a crash
+    before the next checkpoint must replay the snapshot's facts, not the older ones."""
+    registry = registry_with("r")
+    store = SqliteStore(tmp_path / "x.db")
+    dirty, _ = registry.take_changes()
+    await store.commit(Changes((), list(dirty.values()), ()))
+    beat = {"type": "heartbeat", "execution_id": "r", "progress": 1, "seq": 1}
+    registry.apply(parse_event(beat, 1001.0, NAMES), 1001.0)
+    touched = registry.take_touched()
+    assert ["r"] == [ex.execution_id for ex in touched]
+    await store.commit(Changes(liveness=touched))
+    moved = {"type": "state", "execution_id": "r", "state": "paused", "progress": 2, "seq": 2}
+    registry.apply(parse_event(moved, 1002.0, NAMES), 1002.0)
+    dirty, _ = registry.take_changes()
+    await store.commit(Changes((), list(dirty.values()), ()))
+    await store.close()
+
+    reopened = SqliteStore(tmp_path / "x.db")
+    (snap,) = await reopened.load()
+    assert ("paused", 2, 2, 1002.0) == (
+        snap["state"], snap["progress"], snap["last_seq"], snap["updated_at"]
+    )  # fmt: skip
+    await reopened.close()
+
+
+async def test_a_checkpoint_newer_than_the_snapshot_wins(tmp_path: Path) -> None:
+    registry = registry_with("r")
+    store = SqliteStore(tmp_path / "x.db")
+    dirty, _ = registry.take_changes()
+    await store.commit(Changes((), list(dirty.values()), ()))
+    beat = {"type": "heartbeat", "execution_id": "r", "progress": 7, "seq": 3, "rss_bytes": 10}
+    registry.apply(parse_event(beat, 1005.0, NAMES), 1005.0)
+    await store.commit(Changes(liveness=registry.take_touched()))
+    await store.close()
+
+    reopened = SqliteStore(tmp_path / "x.db")
+    (snap,) = await reopened.load()
+    assert (7, 3, 10, 1005.0, [[1005.0, 10]]) == (
+        snap["progress"], snap["last_seq"], snap["rss_bytes"], snap["last_heartbeat_at"],
+        snap["rss_samples"],
+    )  # fmt: skip
+    await reopened.close()
