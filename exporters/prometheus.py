@@ -433,6 +433,16 @@ class ExecwatchCollector(Collector):
             [], {(): stats.store_failures},
         )  # fmt: skip
         yield _counter(
+            "execwatch_requests_shed",
+            "Requests answered 503 with Retry-After before any work, because of overload.",
+            ["reason"], dict(stats.shed),
+        )  # fmt: skip
+        yield _gauge(
+            "execwatch_ingest_in_flight",
+            "POST /v1/events requests being applied or committed right now.",
+            stats.in_flight,
+        )
+        yield _counter(
             "execwatch_log_lines_dropped",
             "Log lines dropped because stdout was stuck or gone (the daemon never waits on it).",
             [], {(): dropped_lines()},

@@ -122,6 +122,8 @@ class Settings:
     database: str = "execwatch.db"
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch_events: int = 10000
+    max_ingest_in_flight: int = 64
+    """POST /v1/events requests applied or committing at once; more get 503 Retry-After."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal, JSON lines otherwise)."""
@@ -222,6 +224,7 @@ SCALAR_KEYS: Mapping[str, Check] = {
     "database": _string,
     "max_body_bytes": _integer(1024),
     "max_batch_events": _integer(1),
+    "max_ingest_in_flight": _integer(1),
     "log_level": _choice(("debug", "info", "warning", "error")),
     "log_format": _choice(("auto", "json", "console")),
 }
@@ -297,7 +300,10 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
             values["host"], values["port"] = parse_listen(top["listen"])
         except ValueError as exc:
             problems.append(str(exc))
-    for key in ("database", "max_body_bytes", "max_batch_events", "log_level", "log_format"):
+    for key in (
+        "database", "max_body_bytes", "max_batch_events", "max_ingest_in_flight", "log_level",
+        "log_format",
+    ):  # fmt: skip
         if key in top:
             values[key] = top[key]
 

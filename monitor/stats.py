@@ -11,6 +11,8 @@ REJECTION_REASONS = (
     "kind_mismatch", "invalid_transition", "final_state", "stale_seq",
 )  # fmt: skip
 """Every reason a rejection can carry: its series start at 0."""
+SHED_REASONS = ("ingest_in_flight",)
+"""Why a request can be shed (answered 503 before any work)."""
 
 
 @dataclass(slots=True)
@@ -24,6 +26,10 @@ class IngestStats:
     )
     """Rejected events (and bodies) by reason."""
     duplicates: int = 0
+    shed: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(SHED_REASONS, 0)))
+    """Requests answered 503 + Retry-After before any work, by reason."""
+    in_flight: int = 0
+    """POST /v1/events requests being applied or committed right now."""
     accepted: int = 0
     store_failures: int = 0
     sink_failures: Counter[str] = field(default_factory=Counter)

@@ -1,12 +1,16 @@
-"""Fakes shipped with the product for tests: a fake clock, event factories, recording sinks."""
+"""Fakes shipped with the product for tests: a fake clock, event factories, recording
+sinks, a store whose commits wait on a gate."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 from monitor.model import Transition
 from monitor.registry import Record
+from monitor.store import Changes
+from monitor.store.memory import MemoryStore
 
 EPOCH = 1_763_740_000.0
 """A fixed, realistic start time (2025-11-21) for fake clocks."""
@@ -66,3 +70,23 @@ class FailingSink:
     def __call__(self, records: Sequence[Record]) -> None:
         self.calls += 1
         raise RuntimeError("this sink always fails")
+
+
+class GatedStore(MemoryStore):
+    """A MemoryStore whose commits wait until `open()`: a slow disk, on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    def open(self) -> None:
+        self.gate.set()
+
+    async def commit(self, changes: Changes) -> None:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        await super().commit(changes)

@@ -13,7 +13,7 @@ from monitor import __version__
 from monitor.errors import Rejection
 from monitor.events import DEFAULT_TENANT, Kind
 from monitor.registry import counts_by_agent
-from monitor.server.ingest import StoreUnavailable
+from monitor.server.ingest import Ingestor, StoreUnavailable
 from monitor.server.keys import CLOCK, DETECTORS, HEALTH, INGESTOR, METRICS, REGISTRY, SETTINGS
 from monitor.server.openapi import document
 from monitor.states import FINAL, LIVE, ExecState
@@ -72,9 +72,31 @@ async def json_errors(
 
 
 async def post_events(request: web.Request) -> web.Response:
-    """POST /v1/events: a JSON object, a JSON array of objects, or NDJSON."""
-    body = await request.read()
+    """POST /v1/events: a JSON object, a JSON array of objects, or NDJSON.
+
+    At most `max_ingest_in_flight` requests are applied or committing at once. One more
+    is shed before its body is read: 503 with Retry-After, counted, nothing applied.
+    """
     ingestor = request.app[INGESTOR]
+    stats, limit = ingestor.stats, request.app[SETTINGS].max_ingest_in_flight
+    if stats.in_flight >= limit:
+        stats.shed["ingest_in_flight"] += 1
+        return error(
+            503,
+            f"execwatch is busy: {limit} requests are being ingested already "
+            "(max_ingest_in_flight); nothing in this request was applied, retry it after "
+            "Retry-After seconds",
+            {"Retry-After": "1"},
+        )
+    stats.in_flight += 1
+    try:
+        return await _ingest(request, ingestor)
+    finally:
+        stats.in_flight -= 1
+
+
+async def _ingest(request: web.Request, ingestor: Ingestor) -> web.Response:
+    body = await request.read()
     now = request.app[CLOCK]()
     try:
         result = await ingestor.ingest(body, request.content_type, now)
