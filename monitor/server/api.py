@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -277,8 +278,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+HEALTHZ_STALE_S = 60.0
+"""/healthz fails when the detector loop has not woken for this long (its interval is
+10 s at most): a daemon that answers HTTP but detects nothing is not alive."""
+
+
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the event loop answers."""
+    """Liveness: the event loop answers and the detector loop still wakes up."""
+    ticked_at = request.app[HEALTH].ticked_at
+    if ticked_at is not None:
+        silent_s = time.monotonic() - ticked_at
+        if silent_s > HEALTHZ_STALE_S:
+            return respond(
+                {
+                    "status": "detector loop stalled",
+                    "detail": f"the detector loop last woke {silent_s:.0f}s ago "
+                    f"(more than {HEALTHZ_STALE_S:.0f}s): deaths and timeouts go undetected",
+                    "version": __version__,
+                },
+                503,
+            )
     return respond({"status": "ok", "version": __version__})
 
 

@@ -26,6 +26,7 @@ from monitor.server.keys import (
     HEALTH,
     INGESTOR,
     METRICS,
+    NOTIFIER,
     PROCESSES,
     REGISTRY,
     SETTINGS,
@@ -34,6 +35,7 @@ from monitor.server.keys import (
     Health,
 )
 from monitor.server.scheduler import ProcessWatch, detector_tasks, freeze_long_lived
+from monitor.server.systemd import Notifier
 from monitor.states import StateNames
 from monitor.store import Store
 from monitor.store.memory import NullStore
@@ -75,6 +77,7 @@ def make_app(
     run_detectors: bool = True,
     otel_environ: Mapping[str, str] | None = None,
     span_exporter: SpanExporter | None = None,
+    notifier: Notifier | None = None,
 ) -> web.Application:
     """Build the daemon's app. `clock` is the only source of "now" for everything below.
 
@@ -92,6 +95,7 @@ def make_app(
     app[STORE] = store
     app[CLOCK] = clock
     app[HEALTH] = Health()
+    app[NOTIFIER] = notifier if notifier is not None else Notifier(None, None)
     app[PROCESSES] = ProcessWatch()
     traces = TraceIds()
     ingestor = Ingestor(
@@ -116,6 +120,7 @@ def make_app(
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)  # type: ignore[arg-type]
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_draining)
     if run_detectors:
         app.cleanup_ctx.append(detector_tasks)
     return app
@@ -125,6 +130,13 @@ async def _flush_spans(app: web.Application) -> AsyncIterator[None]:
     """At shutdown, export the spans of executions still running, and flush (bounded)."""
     yield
     await asyncio.to_thread(app[SPANS].close)  # its flush must not block the loop
+
+
+async def _draining(app: web.Application) -> None:
+    """SIGTERM: the listener is closed; say so before the in-flight requests drain."""
+    app[HEALTH].ready = False
+    app[NOTIFIER].stopping()
+    log.info("daemon_draining")
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

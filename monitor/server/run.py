@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import signal
 import sys
 
 import structlog
@@ -16,6 +18,7 @@ from exporters.otel import tracing_environ
 from monitor.config import Settings
 from monitor.errors import ConfigError
 from monitor.server.app import make_app
+from monitor.server.systemd import Notifier
 from monitor.store import Store
 from monitor.store.memory import NullStore
 from monitor.store.sqlite import SqliteStore
@@ -63,10 +66,23 @@ def open_store(database: str) -> Store:
 
 async def run(settings: Settings) -> None:
     """Serve `settings` until a signal asks to stop."""
-    app = make_app(settings, store=open_store(settings.database), otel_environ=tracing_environ())
+    notifier = Notifier.from_environ(os.environ)
+    app = make_app(
+        settings,
+        store=open_store(settings.database),
+        otel_environ=tracing_environ(),
+        notifier=notifier,
+    )
+    # The signals are ours, not aiohttp's: its handler raises GracefulExit out of the
+    # event loop, and asyncio.run then cancels every request still in flight. Ours only
+    # wakes the main task, so the drain below runs with the handlers still alive.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     runner = web.AppRunner(
         app,
-        handle_signals=True,
+        handle_signals=False,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("aiohttp.access"),
@@ -87,9 +103,16 @@ async def run(settings: Settings) -> None:
             # One plain line a supervisor or a test can wait for.
             print(f"execwatch listening on {urls[-1]}", file=sys.stderr, flush=True)
         log.info("daemon_started", listen=urls, database=settings.database)
-        await asyncio.Event().wait()
+        notifier.ready(f"listening on {', '.join(urls)}")
+        await stop.wait()
+        log.info("daemon_stopping", signal="SIGTERM or SIGINT")
     finally:
+        # Close the listener, wait up to SHUTDOWN_TIMEOUT_S for requests in flight, then
+        # the app's cleanup: the last checkpoint and the store's close.
         await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        notifier.close()
         log.info("daemon_stopped")
 
 
@@ -98,7 +121,7 @@ def serve(settings: Settings, *, insecure: bool = False) -> None:
     check_exposure(settings, insecure)
     writer = configure_logging(settings.log_level, settings.log_format)
     try:
-        with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(settings))
     finally:
         writer.close()

@@ -16,7 +16,15 @@ from aiohttp import web
 
 from monitor.detectors.engine import Detectors, Terminate
 from monitor.server.ingest import Ingestor
-from monitor.server.keys import CLOCK, DETECTORS, INGESTOR, PROCESSES, SETTINGS
+from monitor.server.keys import (
+    CLOCK,
+    DETECTORS,
+    HEALTH,
+    INGESTOR,
+    NOTIFIER,
+    PROCESSES,
+    SETTINGS,
+)
 
 log = structlog.get_logger("execwatch.detectors")
 
@@ -130,8 +138,11 @@ async def run_ticks(app: web.Application) -> None:
     frozen_at = expected
     last_wall, last_mono = clock(), expected
     checkpointed_at = expected
+    health, notifier = app[HEALTH], app[NOTIFIER]
     while True:
         woke = time.monotonic()
+        health.ticked_at = woke
+        notifier.pet()  # systemd's watchdog: fed by this loop, so a stalled loop restarts
         if woke - frozen_at >= FREEZE_EVERY_S:
             freeze_long_lived()
             frozen_at = woke

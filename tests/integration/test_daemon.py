@@ -25,8 +25,13 @@ START_TIMEOUT_S = 30
 class Daemon:
     """A real `execwatch serve` on a free loopback port (stdout: its log lines)."""
 
-    def __init__(self, *args: str, stdout: int = subprocess.DEVNULL) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")}
+    def __init__(
+        self, *args: str, stdout: int = subprocess.DEVNULL, env: dict[str, str] | None = None
+    ) -> None:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")},
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [*EXECWATCH, "serve", "--listen", "127.0.0.1:0", "--database", ":memory:", *args],
             stdout=stdout,

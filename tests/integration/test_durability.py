@@ -161,3 +161,31 @@ def test_sigterm_checkpoints_the_heartbeats(tmp_path: Path) -> None:
     finally:
         third.stop()
     assert (409, "stale_seq") == (status, answer["rejected"][0]["reason"])
+
+
+def test_sigterm_drains_a_request_in_flight_and_keeps_it(tmp_path: Path) -> None:
+    """A big batch is being ingested when SIGTERM arrives: it is answered 202, the daemon
+    exits 0, and every event of it is in the file after a restart."""
+    args = ("--database", str(tmp_path / "execwatch.db"))
+    daemon = Daemon(*args)
+    batch = [
+        {"type": "state", "execution_id": f"big-{i}", "agent": "a", "state": "running"}
+        for i in range(10000)
+    ]
+    answer: list[tuple[int, Any]] = []
+    poster = threading.Thread(target=lambda: answer.append(daemon.request("POST", "/v1/events",
+                                                                            batch)))  # fmt: skip
+    poster.start()
+    time.sleep(0.15)  # the body is on its way or being applied
+    daemon.process.send_signal(signal.SIGTERM)
+    poster.join(timeout=30)
+    assert 0 == daemon.process.wait(timeout=30)
+    assert [202] == [status for status, _ in answer]
+    assert 10000 == answer[0][1]["accepted"]
+
+    restarted = Daemon(*args)
+    try:
+        states = all_states(restarted)
+    finally:
+        restarted.stop()
+    assert 10000 == sum(1 for name in states if name.startswith("big-"))
