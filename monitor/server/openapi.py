@@ -276,7 +276,11 @@ PATHS: dict[str, dict[str, Any]] = {
                 {"name": "execution_id", "in": "path", "required": True, "schema": _ID},
                 _TENANT_QUERY,
             ],
-            "responses": {"200": _json(_ref("Execution"), "The execution"), "404": _ERROR},
+            "responses": {
+                "200": _json(_ref("Execution"), "The execution"),
+                "400": _ERROR,
+                "404": _ERROR,
+            },
         }
     },
     "/v1/executions/{execution_id}/cancel": {
@@ -292,6 +296,7 @@ PATHS: dict[str, dict[str, Any]] = {
                     {"type": "object", "required": ["execution_id", "action", "reason"]},
                     "Cancellation requested",
                 ),
+                "400": _ERROR,
                 "404": _ERROR,
                 "409": _ERROR,
                 "503": _ERROR,
@@ -305,7 +310,7 @@ PATHS: dict[str, dict[str, Any]] = {
                 {"name": "agent", "in": "path", "required": True, "schema": _NAME},
                 _TENANT_QUERY,
             ],
-            "responses": {"200": _json(_ref("Breaker"), "The breaker")},
+            "responses": {"200": _json(_ref("Breaker"), "The breaker"), "400": _ERROR},
         }
     },
     "/v1/findings": {
@@ -328,7 +333,8 @@ PATHS: dict[str, dict[str, Any]] = {
                         "properties": {"findings": {"type": "array", "items": _ref("Finding")}},
                     },
                     "Findings",
-                )
+                ),
+                "400": _ERROR,
             },
         }
     },
@@ -344,7 +350,8 @@ PATHS: dict[str, dict[str, Any]] = {
                         "properties": {"agents": {"type": "array", "items": {"type": "object"}}},
                     },
                     "Agents",
-                )
+                ),
+                "400": _ERROR,
             },
         }
     },
@@ -364,7 +371,10 @@ PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {
         "get": {
             "summary": "Liveness",
-            "responses": {"200": _json({"type": "object"}, "The event loop answers")},
+            "responses": {
+                "200": _json({"type": "object"}, "The event loop and the detector loop answer"),
+                "503": _json({"type": "object"}, "The detector loop has not woken for 60 s"),
+            },
         }
     },
     "/readyz": {
