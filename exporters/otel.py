@@ -338,14 +338,29 @@ class SpanSink:
     def _start(self, t: Transition) -> Pending:
         ex = self.lookup(t.key)
         parent = self._parent(ex, t)
-        trace_id = parent.trace_id if parent is not None else self.random.generate_trace_id()
-        sampled = self.pipeline.samples(trace_id, parent)
+        restored_at = self.traces.restored.pop(t.key, None)
+        previous_ids = self.traces.get(t.key) if restored_at is not None else None
+        if previous_ids is not None and not t.revived:
+            # Replayed after a restart: the span before it was exported truncated (or lost
+            # with the process); this one continues the same trace from the restart.
+            trace_id = int(previous_ids[0], 16)
+            sampled = self.traces.sampled(t.key)
+            start = min(restored_at or t.at, t.at)
+        else:
+            previous_ids = None
+            trace_id = parent.trace_id if parent is not None else self.random.generate_trace_id()
+            sampled = self.pipeline.samples(trace_id, parent)
+            start = ex.created_at if ex is not None and t.old is None else t.at
         span_id = self.random.generate_span_id()
         operation = _OPERATION[t.kind]
-        start = ex.created_at if ex is not None and t.old is None else t.at
         pending = Pending(f"{operation} {t.agent}", _ns(start), parent, trace_id, span_id)
         pending.sampled = sampled
         pending.attributes = self._attributes(ex, t)
+        if previous_ids is not None:
+            pending.attributes["execwatch.span.continued"] = True
+            pending.links.append(
+                Link(_context(*previous_ids), {"execwatch.link.reason": "continued_from"})
+            )
         if t.revived:
             previous = self.traces.get(t.key)
             if previous is not None:

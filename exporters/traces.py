@@ -18,8 +18,34 @@ class TraceIds:
         self.ended: OrderedDict[Key, tuple[str, str]] = OrderedDict()
         self.unsampled: set[Key] = set()
         """Executions whose trace is not sampled: their spans are never exported."""
+        self.unsaved: dict[Key, tuple[str, str, bool]] = {}
+        """Span contexts started since the store last took them."""
+        self.restored: dict[Key, float] = {}
+        """Executions replayed from the store with their span context, and when: their
+        next span continues the trace instead of starting a new one."""
 
     def started(self, key: Key, trace_id: str, span_id: str, sampled: bool = True) -> None:
+        self.unsaved[key] = (trace_id, span_id, sampled)
+        self._open(key, trace_id, span_id, sampled)
+
+    def take_unsaved(self) -> list[tuple[Key, tuple[str, str, bool]]]:
+        """Hand the new span contexts to the store (it keeps those of live executions)."""
+        unsaved, self.unsaved = self.unsaved, {}
+        return list(unsaved.items())
+
+    def return_unsaved(self, contexts: list[tuple[Key, tuple[str, str, bool]]]) -> None:
+        """The commit failed: the contexts are owed to the next one."""
+        for key, context in contexts:
+            self.unsaved.setdefault(key, context)
+
+    def restore(self, contexts: list[tuple[Key, tuple[str, str, bool]]], now: float) -> int:
+        """Put back the span contexts of a replay; return how many."""
+        for key, (trace_id, span_id, sampled) in contexts:
+            self._open(key, trace_id, span_id, sampled)
+            self.restored[key] = now
+        return len(contexts)
+
+    def _open(self, key: Key, trace_id: str, span_id: str, sampled: bool) -> None:
         self.open[key] = (trace_id, span_id)
         self.ended.pop(key, None)
         if sampled:
@@ -28,6 +54,7 @@ class TraceIds:
             self.unsampled.add(key)
 
     def finished(self, key: Key) -> None:
+        self.restored.pop(key, None)
         ids = self.open.pop(key, None)
         if ids is not None:
             self.ended[key] = ids

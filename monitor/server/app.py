@@ -115,6 +115,7 @@ def make_app(
         span_sink = SpanSink(pipeline, traces, registry.by_key)
         exporters.insert(0, span_sink)  # first: the others read the trace ids it assigns
         app[SPANS] = span_sink
+        ingestor.traces = traces  # span contexts are committed, so traces survive restarts
         app.cleanup_ctx.append(_flush_spans)
     ingestor.set_sinks([*exporters, *sinks])
     for route in ROUTES:
@@ -145,6 +146,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     registry, detectors, store, health = app[REGISTRY], app[DETECTORS], app[STORE], app[HEALTH]
     restored = registry.restore_all(await store.load())
     breakers = detectors.restore_breakers(await store.load_breakers())
+    if SPANS in app:
+        app[SPANS].traces.restore(await store.load_span_contexts(), app[CLOCK]())
     detectors.regain_sight(app[CLOCK]())
     detectors.schedule_all()
     freeze_long_lived()

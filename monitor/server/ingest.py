@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from exporters.traces import TraceIds
 from monitor.detectors.engine import Detectors, Record
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import EventType, decode_body, parse_event
@@ -76,6 +77,8 @@ class Ingestor:
         self.stats = IngestStats()
         self.sinks: list[Sink] = []
         self.set_sinks(sinks)
+        self.traces: TraceIds | None = None
+        """Set when spans are exported: their contexts are committed with the rest."""
 
     def set_sinks(self, sinks: Sequence[Sink]) -> None:
         """Feed records to `sinks`, in order; their failure counts start at 0."""
@@ -182,8 +185,10 @@ class Ingestor:
         try:
             detectors = self.detectors
             touched = registry.take_touched() if checkpoint else []
+            spans = self.traces.take_unsaved() if self.traces is not None else []
             if (
-                registry.dirty
+                spans
+                or registry.dirty
                 or registry.evicted
                 or detectors.dirty_breakers
                 or detectors.forgotten_breakers
@@ -197,6 +202,7 @@ class Ingestor:
                     evicted,
                     list(breakers.values()),
                     forgotten,
+                    spans,
                     touched,
                 )
                 try:
@@ -206,6 +212,8 @@ class Ingestor:
                     detectors.return_breaker_changes(breakers, forgotten)
                     for ex in touched:
                         registry.touched.setdefault(ex.key, ex)
+                    if self.traces is not None:
+                        self.traces.return_unsaved(spans)
                     self.stats.store_failures += 1
                     log.exception("store_commit_failed", executions=len(dirty))
                     raise StoreUnavailable(str(exc)) from exc

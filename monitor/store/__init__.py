@@ -28,6 +28,9 @@ class Changes:
     """Every breaker changed, live objects: snapshot them before the first await too."""
     forgotten_breakers: Sequence[tuple[str, str]] = ()
     """(tenant, agent) of the breakers forgotten: delete them."""
+    span_contexts: Sequence[tuple[Key, tuple[str, str, bool]]] = ()
+    """(trace_id, span_id, sampled) of executions' spans, as hex, started since the last
+    commit: a restart continues their traces."""
     liveness: Sequence[Execution] = ()
     """A checkpoint: executions whose Execution.liveness() facts changed. These may be
     read after an await (a newer value is as good a checkpoint), in slices."""
@@ -49,6 +52,10 @@ class Store(Protocol):
 
     async def load_breakers(self) -> list[Snapshot]:
         """Every kept breaker, as Breaker.snapshot() wrote it."""
+        ...
+
+    async def load_span_contexts(self) -> list[tuple[Key, tuple[str, str, bool]]]:
+        """The span context of every kept execution that has one."""
         ...
 
     async def commit(self, changes: Changes) -> None:

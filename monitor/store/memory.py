@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monitor.model import Key
 from monitor.store import Changes, Snapshot, merge_liveness
 
 
@@ -11,6 +12,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.snapshots: dict[tuple[str, str], Snapshot] = {}
         self.breakers: dict[tuple[str, str], Snapshot] = {}
+        self.span_contexts: dict[Key, tuple[str, str, bool]] = {}
         self.commits = 0
         self.closed = False
 
@@ -20,11 +22,16 @@ class MemoryStore:
     async def load_breakers(self) -> list[Snapshot]:
         return list(self.breakers.values())
 
+    async def load_span_contexts(self) -> list[tuple[Key, tuple[str, str, bool]]]:
+        return [(key, ctx) for key, ctx in self.span_contexts.items() if key in self.snapshots]
+
     async def commit(self, changes: Changes) -> None:
         for ex in changes.executions:
             self.snapshots[ex.key] = ex.snapshot()
         for key in changes.evicted:
             self.snapshots.pop(key, None)
+            self.span_contexts.pop(key, None)
+        self.span_contexts.update(changes.span_contexts)
         for ex in changes.liveness:
             snap = self.snapshots.get(ex.key)
             if snap is not None:
@@ -49,6 +56,9 @@ class NullStore:
         return []
 
     async def load_breakers(self) -> list[Snapshot]:
+        return []
+
+    async def load_span_contexts(self) -> list[tuple[Key, tuple[str, str, bool]]]:
         return []
 
     async def commit(self, changes: Changes) -> None:

@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS liveness (
     facts BLOB NOT NULL,
     PRIMARY KEY (tenant, execution_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS span_contexts (
+    tenant TEXT NOT NULL,
+    execution_id TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    sampled INTEGER NOT NULL,
+    PRIMARY KEY (tenant, execution_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS breakers (
     tenant TEXT NOT NULL,
     agent TEXT NOT NULL,
@@ -63,6 +71,7 @@ class _Pending:
     breakers: list[tuple[str, str, bytes]]
     forgotten: list[tuple[str, str]]
     liveness: list[tuple[str, str, bytes]]
+    span_contexts: list[tuple[str, str, str, str, bool]]
     done: asyncio.Future[None] = field(repr=False)
 
 
@@ -133,6 +142,18 @@ class SqliteStore:
             snapshots.append(snap)
         return snapshots
 
+    async def load_span_contexts(self) -> list[tuple[Key, tuple[str, str, bool]]]:
+        rows = await self._run(self._read_span_contexts)
+        assert isinstance(rows, list)
+        return rows
+
+    def _read_span_contexts(self) -> list[tuple[Key, tuple[str, str, bool]]]:
+        cursor = self._db.execute(
+            "SELECT s.tenant, s.execution_id, s.trace_id, s.span_id, s.sampled"
+            " FROM span_contexts AS s JOIN executions USING (tenant, execution_id)"
+        )
+        return [((t, e), (trace, span, bool(sampled))) for t, e, trace, span, sampled in cursor]
+
     async def load_breakers(self) -> list[Snapshot]:
         rows = await self._run(self._read_breakers)
         assert isinstance(rows, list)
@@ -158,10 +179,14 @@ class SqliteStore:
                 (ex.tenant, ex.execution_id, orjson.dumps(ex.liveness()))
                 for ex in changes.liveness[start : start + LIVENESS_SLICE]
             )
-        if not (rows or evicted or breakers or forgotten or liveness):
+        spans = [
+            (tenant, execution_id, trace_id, span_id, sampled)
+            for (tenant, execution_id), (trace_id, span_id, sampled) in changes.span_contexts
+        ]
+        if not (rows or evicted or breakers or forgotten or liveness or spans):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(rows, evicted, breakers, forgotten, liveness, done)
+        pending = _Pending(rows, evicted, breakers, forgotten, liveness, spans, done)
         self._queue.append(pending)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
@@ -199,9 +224,18 @@ class SqliteStore:
                         "DELETE FROM liveness WHERE tenant = ? AND execution_id = ?",
                         pending.evicted,
                     )
+                    db.executemany(
+                        "DELETE FROM span_contexts WHERE tenant = ? AND execution_id = ?",
+                        pending.evicted,
+                    )
                 if pending.rows:
                     db.executemany(
                         "INSERT OR REPLACE INTO executions VALUES (?, ?, ?, ?)", pending.rows
+                    )
+                if pending.span_contexts:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO span_contexts VALUES (?, ?, ?, ?, ?)",
+                        pending.span_contexts,
                     )
                 if pending.liveness:
                     db.executemany(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from opentelemetry.trace import StatusCode
 from monitor.config import build_settings
 from monitor.server.app import make_app
 from monitor.server.keys import INGESTOR
+from monitor.store.sqlite import SqliteStore
 from monitor.testing import EPOCH, FakeClock, heartbeat, state_event
 from tests.integration.test_api import post
 from tests.integration.test_detectors_api import tick
@@ -272,3 +274,44 @@ def test_otlp_settings_follow_the_sdk() -> None:
     grpc = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}  # fmt: skip
     assert make_span_pipeline(grpc, IngestStats()) is None
+
+
+async def test_a_restart_continues_the_executions_trace(
+    aiohttp_client: Any, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The span context is in the SQLite file: after a restart, an execution's next span
+    is in the same trace, under the same parent, linked to the span cut by the restart."""
+    before, after = InMemorySpanExporter(), InMemorySpanExporter()
+
+    def app(exporter: InMemorySpanExporter) -> web.Application:
+        return make_app(build_settings({}), clock=clock, run_detectors=False,
+                        span_exporter=exporter, store=SqliteStore(tmp_path / "x.db"))  # fmt: skip
+
+    client = await aiohttp_client(app(before))
+    await post(client, state_event("r", "running", agent="a", traceparent=TRACEPARENT))
+    await post(client, state_event("s", "running", agent="a"))  # no caller: its own trace
+    clock.advance(5)
+    await client.close()  # shutdown: the spans of r and s are exported truncated
+    cut = {s.attributes["execwatch.execution.id"]: s for s in before.get_finished_spans()}
+
+    clock.advance(10)
+    restarted_at = clock()
+    client = await aiohttp_client(app(after))
+    clock.advance(3)
+    await post(client, [state_event("r", "completed"), state_event("s", "completed")])
+    ended = {s.attributes["execwatch.execution.id"]: s for s in after.get_finished_spans()}
+    for name in ("r", "s"):
+        span, previous = ended[name], cut[name]
+        assert previous.attributes["execwatch.span.truncated"] is True
+        assert previous.context.trace_id == span.context.trace_id, name
+        assert previous.context.span_id != span.context.span_id
+        assert (previous.parent and previous.parent.span_id) == (
+            span.parent and span.parent.span_id
+        )
+        assert [(previous.context.span_id, "continued_from")] == [
+            (link.context.span_id, link.attributes["execwatch.link.reason"]) for link in span.links
+        ]
+        assert span.attributes["execwatch.span.continued"] is True
+        assert restarted_at * 1e9 == span.start_time
+        assert "completed" == span.attributes["execwatch.state"]
+    assert int(TRACEPARENT[3:35], 16) == ended["r"].context.trace_id
