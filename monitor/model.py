@@ -98,12 +98,12 @@ _PLAIN = (
     "paused_at", "paused_s", "run_paused_s", "memory_limit_bytes", "pid", "rss_bytes",
     "progress", "error", "traceparent", "last_seq", "finished_at", "died_from",
     "cancel_reason", "breaker_trial", "over_soft_since", "over_hard_since", "rss_sampled",
-    "outcome_at", "outcome_failed",
+    "outcome_at", "outcome_failed", "version",
 )  # fmt: skip
 
 
 LIVENESS = (
-    "updated_at", "last_heartbeat_at", "last_progress_at", "progress", "rss_bytes",
+    "version", "updated_at", "last_heartbeat_at", "last_progress_at", "progress", "rss_bytes",
     "rss_sampled", "last_seq", "rss_samples",
 )  # fmt: skip
 """The snapshot keys Execution.liveness() holds, in its order."""
@@ -194,6 +194,9 @@ class Execution:
         self.outcome_at: float | None = None
         """When its terminal outcome was counted by its breaker (taken back on revival)."""
         self.outcome_failed = False
+        self.version = 0
+        """Counts its changes: of a snapshot and a checkpoint, the higher version is newer
+        (times cannot tell two changes in the same instant apart)."""
         self.findings: dict[str, FindingChange] = {}
         self.clocks: dict[str, float] = {}
         """Detector bookkeeping: the earliest deadline queued per clock."""
@@ -229,8 +232,8 @@ class Execution:
         """The facts every heartbeat changes, in LIVENESS order (rss_samples last): what a
         checkpoint writes between the full snapshots that state changes write."""
         return [
-            self.updated_at, self.last_heartbeat_at, self.last_progress_at, self.progress,
-            self.rss_bytes, self.rss_sampled, self.last_seq,
+            self.version, self.updated_at, self.last_heartbeat_at, self.last_progress_at,
+            self.progress, self.rss_bytes, self.rss_sampled, self.last_seq,
             [list(s) for s in self.rss_samples],
         ]  # fmt: skip
 
@@ -264,7 +267,7 @@ class Execution:
             history,
         )
         for name in _PLAIN:
-            setattr(ex, name, snap[name])
+            setattr(ex, name, snap[name] if name != "version" else snap.get(name, 0))
         if ex.died_from is not None:
             ex.died_from = ExecState(ex.died_from)
         ex.limits = dict(snap["limits"])

@@ -9,7 +9,7 @@ finding cleared by progress or by the end of the execution) wait in `outbox`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from monitor.config import Settings
@@ -182,7 +182,7 @@ class Registry:
         ex.history.append(transition)
         if state in TERMINAL:
             self._finish(ex, now)
-        self.dirty[key] = ex
+        self._changed(ex)
         return transition
 
     def _update(self, ex: Execution, event: Event, now: float) -> Transition | None:
@@ -216,7 +216,7 @@ class Registry:
             self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
         if event.detail:
             self._absorb_detail(ex, event, now)
-            self.dirty[ex.key] = ex
+            self._changed(ex)
         # Liveness facts alone (heartbeat times, seq, progress, rss) are checkpointed,
         # not committed per event: they change on every heartbeat.
         if changed:
@@ -232,7 +232,7 @@ class Registry:
                 max(event.at, ex.state_since), ex.phase,
             )  # fmt: skip
             ex.history.append(transition)
-            self.dirty[ex.key] = ex
+            self._changed(ex)
             return transition
         return None
 
@@ -240,6 +240,7 @@ class Registry:
         """Copy an accepted event's liveness facts onto the execution."""
         ex.updated_at = now
         ex.last_heartbeat_at = now
+        ex.version += 1
         self.touched[ex.key] = ex
         if event.seq is not None:
             ex.last_seq = event.seq
@@ -297,7 +298,7 @@ class Registry:
         )
         ex.findings[finding] = change
         self.findings[(ex.key, finding)] = change
-        self.dirty[ex.key] = ex
+        self._changed(ex)
         self.outbox.append(change)
         return change
 
@@ -310,7 +311,7 @@ class Registry:
         change = FindingChange(
             ex.tenant, ex.execution_id, ex.agent, ex.kind, finding, False, now, raised.detail, now
         )
-        self.dirty[ex.key] = ex
+        self._changed(ex)
         self.outbox.append(change)
         return change
 
@@ -321,7 +322,7 @@ class Registry:
         ex.cancel_reason = reason
         if ex.state not in FINAL:
             self.stopping[ex.key] = reason
-        self.dirty[ex.key] = ex
+        self._changed(ex)
 
     # ---- transitions, retention ----------------------------------------------------------
 
@@ -368,7 +369,7 @@ class Registry:
             elif target in _RUN_CLOCK and ex.running_at is None:
                 ex.running_at = now
                 ex.run_paused_s = ex.paused_s
-        self.dirty[key] = ex
+        self._changed(ex)
         return transition
 
     def _count(self, ex: Execution, state: ExecState, delta: int) -> None:
@@ -457,6 +458,11 @@ class Registry:
         self.dirty, self.evicted = {}, []
         return dirty, evicted
 
+    def _changed(self, ex: Execution) -> None:
+        """`ex` changed beyond its liveness facts: its whole snapshot is owed to the store."""
+        ex.version += 1
+        self.dirty[ex.key] = ex
+
     def take_touched(self) -> list[Execution]:
         """Hand over the executions a checkpoint must write (live, not written whole)."""
         touched, self.touched = self.touched, {}
@@ -468,13 +474,29 @@ class Registry:
         for key, ex in dirty.items():
             if self._executions.get(key) is ex:
                 self.dirty.setdefault(key, ex)
-        self.evicted[:0] = evicted
+        # An evicted key registered again since (its tombstone aged out) must not be
+        # deleted by the retry.
+        self.evicted[:0] = [key for key in evicted if key not in self._executions]
 
-    def restore_all(self, snapshots: Iterable[dict[str, Any]]) -> int:
-        """Restore every snapshot (in registration order); return how many."""
+    def restore_all(
+        self,
+        snapshots: Iterable[dict[str, Any]],
+        on_error: Callable[[dict[str, Any], Exception], None] | None = None,
+    ) -> int:
+        """Restore every snapshot (in registration order); return how many. With
+        `on_error`, a snapshot that cannot be read is handed to it and skipped."""
         count = 0
         for snapshot in snapshots:
-            self.restore(snapshot)
+            if on_error is None:
+                self.restore(snapshot)
+            else:
+                try:
+                    self.restore(snapshot)
+                except Exception as exc:
+                    key = (str(snapshot.get("tenant")), str(snapshot.get("execution_id")))
+                    self._executions.pop(key, None)  # nothing half restored stays
+                    on_error(snapshot, exc)
+                    continue
             count += 1
         # Retention walks finishes oldest first; registration order is not finish order.
         self._finished = deque(sorted(self._finished))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +156,7 @@ class Detectors:
         ex.rss_bytes = rss
         ex.rss_sampled = True
         ex.rss_samples.append((now, rss))
+        ex.version += 1
         self.registry.touched[ex.key] = ex
         self._memory(ex, now)
 
@@ -431,13 +432,24 @@ class Detectors:
         for bkey, breaker in dirty.items():
             if self.breakers.get(bkey) is breaker:
                 self.dirty_breakers.setdefault(bkey, breaker)
-        self.forgotten_breakers[:0] = forgotten
+        self.forgotten_breakers[:0] = [bkey for bkey in forgotten if bkey not in self.breakers]
 
-    def restore_breakers(self, snapshots: Iterable[dict[str, Any]]) -> int:
-        """Put back the breakers of a replay, with their moves on time queued; how many."""
+    def restore_breakers(
+        self,
+        snapshots: Iterable[dict[str, Any]],
+        on_error: Callable[[dict[str, Any], Exception], None] | None = None,
+    ) -> int:
+        """Put back the breakers of a replay, with their moves on time queued; how many.
+        With `on_error`, a snapshot that cannot be read is handed to it and skipped."""
         count = 0
         for snap in snapshots:
-            breaker = Breaker.from_snapshot(snap, self.settings.breaker)
+            try:
+                breaker = Breaker.from_snapshot(snap, self.settings.breaker)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(snap, exc)
+                continue
             self.breakers[(breaker.tenant, breaker.agent)] = breaker
             self._queue_breaker(breaker)
             count += 1

@@ -108,8 +108,10 @@ async def _ingest(request: web.Request, ingestor: Ingestor) -> web.Response:
     except StoreUnavailable:
         return error(
             503,
-            "the store could not commit, so nothing in this request is acknowledged; retry "
-            "it (with event_id a retry is never applied twice)",
+            "the store could not commit, so this request is not acknowledged: its events "
+            "were applied in memory and will be written by the next commit that succeeds. "
+            "Retry it with the same event_id values, so the retry counts as duplicates; "
+            "without them a retried state change may be refused as already applied (409)",
             {"Retry-After": "1"},
         )
     return respond(result.body, result.status)

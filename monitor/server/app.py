@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -36,7 +37,7 @@ from monitor.server.keys import (
 )
 from monitor.server.scheduler import ProcessWatch, detector_tasks, freeze_long_lived
 from monitor.server.systemd import Notifier
-from monitor.states import StateNames
+from monitor.states import TERMINAL, StateNames
 from monitor.store import Store
 from monitor.store.memory import NullStore
 
@@ -144,19 +145,47 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Replay the store, give every execution a fresh heartbeat grace (the daemon was not
     watching while it was down), then declare the daemon ready; close the store at exit."""
     registry, detectors, store, health = app[REGISTRY], app[DETECTORS], app[STORE], app[HEALTH]
-    restored = registry.restore_all(await store.load())
-    breakers = detectors.restore_breakers(await store.load_breakers())
+    unreadable: list[str] = []
+
+    def skip(kind: str) -> Callable[[dict[str, Any], Exception], None]:
+        def skipped(snapshot: dict[str, Any], exc: Exception) -> None:
+            # One bad row must not crash-loop the daemon: log it, count it, go on.
+            unreadable.append(kind)
+            log.error("snapshot_unreadable", kind=kind, tenant=snapshot.get("tenant"),
+                      execution_id=snapshot.get("execution_id"), agent=snapshot.get("agent"),
+                      error=repr(exc))  # fmt: skip
+
+        return skipped
+
+    restored = registry.restore_all(await store.load(), skip("execution"))
+    breakers = detectors.restore_breakers(await store.load_breakers(), skip("breaker"))
     if SPANS in app:
-        app[SPANS].traces.restore(await store.load_span_contexts(), app[CLOCK]())
+        live = [
+            (key, ctx)
+            for key, ctx in await store.load_span_contexts()
+            if (ex := registry.by_key(key)) is not None and ex.state not in TERMINAL
+        ]
+        app[SPANS].traces.restore(live, app[CLOCK]())
     detectors.regain_sight(app[CLOCK]())
     detectors.schedule_all()
     freeze_long_lived()
     health.ready = True
-    log.info("store_replayed", executions=restored, breakers=breakers)
+    log.info("store_replayed", executions=restored, breakers=breakers, skipped=len(unreadable))
     yield
     health.ready = False
+    try:  # bounded: a stuck disk must not outlive the supervisor's grace period
+        await asyncio.wait_for(_close_store(app), STORE_CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.error("store_close_timed_out", timeout_s=STORE_CLOSE_TIMEOUT_S)
+
+
+STORE_CLOSE_TIMEOUT_S = 10.0
+"""The last checkpoint and the store's close, at most (after a drain of up to 10 s)."""
+
+
+async def _close_store(app: web.Application) -> None:
     try:
         await app[INGESTOR].commit(checkpoint=True)  # the last heartbeats, and anything owed
     except Exception:
         log.exception("final_checkpoint_failed")
-    await store.close()
+    await app[STORE].close()

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from exporters.traces import TraceIds
+from monitor.detectors.breaker import Breaker
 from monitor.detectors.engine import Detectors, Record
 from monitor.errors import DuplicateEvent, Rejection
 from monitor.events import EventType, decode_body, parse_event
-from monitor.model import Key
+from monitor.model import Execution, Key
 from monitor.states import StateNames
 from monitor.stats import IngestStats
 from monitor.store import Changes, Store
@@ -47,6 +48,16 @@ def sink_name(sink: Sink) -> str:
     return getattr(sink, "__qualname__", type(sink).__name__)
 
 
+@dataclass(slots=True)
+class _Taken:
+    """What one commit took: the changes to write, and what to give back if it fails."""
+
+    records: Sequence[Record]
+    changes: Changes | None = None
+    dirty: dict[Key, Execution] = field(default_factory=dict)
+    breakers: dict[tuple[str, str], Breaker] = field(default_factory=dict)
+
+
 class StoreUnavailable(Exception):
     """The store failed to commit; the changes stay owed to the next commit."""
 
@@ -77,6 +88,9 @@ class Ingestor:
         self.stats = IngestStats()
         self.sinks: list[Sink] = []
         self.set_sinks(sinks)
+        self.write_lock = asyncio.Lock()
+        """Held while a request applies its events and takes its changes, and by every
+        other committer while it takes: a request is one commit, never split."""
         self.traces: TraceIds | None = None
         """Set when spans are exported: their contexts are committed with the rest."""
 
@@ -108,53 +122,56 @@ class Ingestor:
         named: dict[Key, None] = {}
         records: list[Record] = []
         newest_ts = None
-        for index, item in enumerate(items):
-            if index and not index % YIELD_EVERY:
-                await asyncio.sleep(0)
-            event = None
-            try:
-                if isinstance(item, Rejection):
-                    raise item
-                event = parse_event(item, now, names, tenant)
-                transition = apply(event, now)
-                if transition is not None:
-                    records.append(transition)
-                accepted += 1
-            except DuplicateEvent:
-                duplicates += 1
-            except Rejection as exc:
-                stats.rejected[exc.reason] += 1
-                if len(rejected) < MAX_REJECTIONS_SHOWN:
-                    rejected.append(
-                        {
-                            "index": index,
-                            "status": exc.status,
-                            "reason": exc.reason,
-                            "error": exc.message,
-                        }
-                    )
-            if event is None:
-                invalid += 1
-                continue
-            if event.type is _HEARTBEAT:
-                heartbeats += 1
-            if event.at != now and (newest_ts is None or event.at > newest_ts):
-                newest_ts = event.at
-            if stopping:
-                key = (event.tenant, event.execution_id)
-                if key in stopping:
-                    named[key] = None
-        # Counted once per batch: a Counter update per event costs more than the rest of
-        # the loop's bookkeeping together.
-        states = len(items) - heartbeats - invalid
-        stats.received.update(heartbeat=heartbeats, state=states, invalid=invalid)
-        stats.accepted += accepted
-        stats.duplicates += duplicates
-        if newest_ts is not None:
-            stats.ingest_lag_s = max(0.0, now - newest_ts)
-        registry.evict(now)
-
-        await self.commit(records)
+        # The lock makes the request one commit: a tick or another request committing
+        # while this one yields between slices cannot take half of its changes.
+        async with self.write_lock:
+            for index, item in enumerate(items):
+                if index and not index % YIELD_EVERY:
+                    await asyncio.sleep(0)
+                event = None
+                try:
+                    if isinstance(item, Rejection):
+                        raise item
+                    event = parse_event(item, now, names, tenant)
+                    transition = apply(event, now)
+                    if transition is not None:
+                        records.append(transition)
+                    accepted += 1
+                except DuplicateEvent:
+                    duplicates += 1
+                except Rejection as exc:
+                    stats.rejected[exc.reason] += 1
+                    if len(rejected) < MAX_REJECTIONS_SHOWN:
+                        rejected.append(
+                            {
+                                "index": index,
+                                "status": exc.status,
+                                "reason": exc.reason,
+                                "error": exc.message,
+                            }
+                        )
+                if event is None:
+                    invalid += 1
+                    continue
+                if event.type is _HEARTBEAT:
+                    heartbeats += 1
+                if event.at != now and (newest_ts is None or event.at > newest_ts):
+                    newest_ts = event.at
+                if stopping:
+                    key = (event.tenant, event.execution_id)
+                    if key in stopping:
+                        named[key] = None
+            # Counted once per batch: a Counter update per event costs more than the rest of
+            # the loop's bookkeeping together.
+            states = len(items) - heartbeats - invalid
+            stats.received.update(heartbeat=heartbeats, state=states, invalid=invalid)
+            stats.accepted += accepted
+            stats.duplicates += duplicates
+            if newest_ts is not None:
+                stats.ingest_lag_s = max(0.0, now - newest_ts)
+            registry.evict(now)
+            taken = self._take(records, False)
+        await self._write(taken)
 
         answer: dict[str, Any] = {
             "accepted": accepted,
@@ -178,49 +195,63 @@ class Ingestor:
 
         With `checkpoint`, also write the liveness facts (heartbeat times, progress, rss,
         seq) that heartbeats changed since the last checkpoint."""
-        registry = self.registry
-        side = self.detectors.drain()
+        async with self.write_lock:
+            taken = self._take(records, checkpoint)
+        await self._write(taken)
+
+    def _take(self, records: Sequence[Record], checkpoint: bool) -> _Taken:
+        """Take every owed change out of the registry, detectors and traces. Callers hold
+        `write_lock`, so no request is ever taken half applied."""
+        registry, detectors = self.registry, self.detectors
+        side = detectors.drain()
         if side:
             records = [*records, *side]
+        touched = registry.take_touched() if checkpoint else []
+        spans = self.traces.take_unsaved() if self.traces is not None else []
+        if not (
+            spans
+            or registry.dirty
+            or registry.evicted
+            or detectors.dirty_breakers
+            or detectors.forgotten_breakers
+            or touched
+        ):
+            return _Taken(records)
+        dirty, evicted = registry.take_changes()
+        breakers, forgotten = detectors.take_breaker_changes()
+        changes = Changes(
+            records, list(dirty.values()), evicted, list(breakers.values()), forgotten, spans,
+            touched,
+        )  # fmt: skip
+        return _Taken(records, changes, dirty, breakers)
+
+    async def _write(self, taken: _Taken) -> None:
+        changes = taken.changes
         try:
-            detectors = self.detectors
-            touched = registry.take_touched() if checkpoint else []
-            spans = self.traces.take_unsaved() if self.traces is not None else []
-            if (
-                spans
-                or registry.dirty
-                or registry.evicted
-                or detectors.dirty_breakers
-                or detectors.forgotten_breakers
-                or touched
-            ):
-                dirty, evicted = registry.take_changes()
-                breakers, forgotten = detectors.take_breaker_changes()
-                changes = Changes(
-                    records,
-                    list(dirty.values()),
-                    evicted,
-                    list(breakers.values()),
-                    forgotten,
-                    spans,
-                    touched,
-                )
+            if changes is not None:
                 try:
                     await self.store.commit(changes)
                 except Exception as exc:
-                    registry.return_changes(dirty, evicted)
-                    detectors.return_breaker_changes(breakers, forgotten)
-                    for ex in touched:
-                        registry.touched.setdefault(ex.key, ex)
-                    if self.traces is not None:
-                        self.traces.return_unsaved(spans)
+                    self._give_back(taken)
                     self.stats.store_failures += 1
-                    log.exception("store_commit_failed", executions=len(dirty))
+                    log.exception("store_commit_failed", executions=len(changes.executions))
                     raise StoreUnavailable(str(exc)) from exc
         finally:
             # The sinks mirror the registry, which changed whether or not the store kept up.
-            if records:
-                self.fan_out(records)
+            if taken.records:
+                self.fan_out(taken.records)
+
+    def _give_back(self, taken: _Taken) -> None:
+        """A commit failed: everything it took is owed to the next one."""
+        changes = taken.changes
+        assert changes is not None
+        registry = self.registry
+        registry.return_changes(taken.dirty, list(changes.evicted))
+        self.detectors.return_breaker_changes(taken.breakers, list(changes.forgotten_breakers))
+        for ex in changes.liveness:
+            registry.touched.setdefault(ex.key, ex)
+        if self.traces is not None:
+            self.traces.return_unsaved(list(changes.span_contexts))
 
     def fan_out(self, records: Sequence[Record]) -> None:
         """Give `records` to every sink; a sink that raises is logged and skipped."""

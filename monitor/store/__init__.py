@@ -38,8 +38,8 @@ class Changes:
 
 def merge_liveness(snap: Snapshot, facts: list[Any]) -> None:
     """Lay a checkpoint's Execution.liveness() facts over a snapshot, unless the snapshot
-    was written after them (its `updated_at` is as new or newer)."""
-    if facts[0] > snap["updated_at"]:
+    is as new or newer (its `version`, which counts the execution's changes)."""
+    if facts[0] > snap.get("version", 0):
         snap.update(zip(LIVENESS, facts, strict=True))
 
 

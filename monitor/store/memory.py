@@ -1,4 +1,5 @@
-"""A Store that keeps snapshots in a dict: `database = ":memory:"`, and the tests' store."""
+"""Stores that keep nothing on disk: MemoryStore (the tests' store) and NullStore
+(`database = ":memory:"`)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ class MemoryStore:
         return [(key, ctx) for key, ctx in self.span_contexts.items() if key in self.snapshots]
 
     async def commit(self, changes: Changes) -> None:
-        for ex in changes.executions:
-            self.snapshots[ex.key] = ex.snapshot()
-        for key in changes.evicted:
+        for key in changes.evicted:  # first, as SQLite does: an eviction, then a return
             self.snapshots.pop(key, None)
             self.span_contexts.pop(key, None)
-        self.span_contexts.update(changes.span_contexts)
+        for ex in changes.executions:
+            self.snapshots[ex.key] = ex.snapshot()
+        self.span_contexts.update(
+            (key, ctx) for key, ctx in changes.span_contexts if key in self.snapshots
+        )
         for ex in changes.liveness:
             snap = self.snapshots.get(ex.key)
             if snap is not None:

@@ -70,9 +70,11 @@ class _Pending:
     evicted: list[Key]
     breakers: list[tuple[str, str, bytes]]
     forgotten: list[tuple[str, str]]
-    liveness: list[tuple[str, str, bytes]]
-    span_contexts: list[tuple[str, str, str, str, bool]]
-    done: asyncio.Future[None] = field(repr=False)
+    liveness: list[tuple[str, str, bytes, str, str]]
+    span_contexts: list[tuple[str, str, str, str, bool, str, str]]
+    done: asyncio.Future[None] = field(
+        repr=False, default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -171,28 +173,38 @@ class SqliteStore:
         ]
         breakers = [(b.tenant, b.agent, orjson.dumps(b.snapshot())) for b in changes.breakers]
         evicted, forgotten = list(changes.evicted), list(changes.forgotten_breakers)
-        liveness: list[tuple[str, str, bytes]] = []
-        for start in range(0, len(changes.liveness), LIVENESS_SLICE):
-            if start:
-                await asyncio.sleep(0)  # 100k heartbeating executions: no 150 ms stall
-            liveness.extend(
-                (ex.tenant, ex.execution_id, orjson.dumps(ex.liveness()))
-                for ex in changes.liveness[start : start + LIVENESS_SLICE]
-            )
         spans = [
-            (tenant, execution_id, trace_id, span_id, sampled)
+            (tenant, execution_id, trace_id, span_id, sampled, tenant, execution_id)
             for (tenant, execution_id), (trace_id, span_id, sampled) in changes.span_contexts
         ]
-        if not (rows or evicted or breakers or forgotten or liveness or spans):
+        waits = []
+        if rows or evicted or breakers or forgotten or spans:
+            # Queued before any await: commits reach the file in the order they were taken.
+            waits.append(self._enqueue(_Pending(rows, evicted, breakers, forgotten, [], spans)))
+        if changes.liveness:
+            # A checkpoint may be serialized in slices, so a later commit can overtake it:
+            # its rows carry the execution's version, and replay keeps the newer of the two.
+            liveness: list[tuple[str, str, bytes, str, str]] = []
+            for start in range(0, len(changes.liveness), LIVENESS_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # 100k heartbeating executions: no 150 ms stall
+                liveness.extend(
+                    (ex.tenant, ex.execution_id, orjson.dumps(ex.liveness()), ex.tenant,
+                     ex.execution_id)
+                    for ex in changes.liveness[start : start + LIVENESS_SLICE]
+                )  # fmt: skip
+            waits.append(self._enqueue(_Pending([], [], [], [], liveness, [])))
+        if not waits:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(rows, evicted, breakers, forgotten, liveness, spans, done)
+        # A caller that goes away (a client disconnect) must not cancel the others' write.
+        await asyncio.shield(asyncio.gather(*waits))
+        self.commits += 1
+
+    def _enqueue(self, pending: _Pending) -> asyncio.Future[None]:
         self._queue.append(pending)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
-        # A caller that goes away (a client disconnect) must not cancel the others' write.
-        await asyncio.shield(done)
-        self.commits += 1
+        return pending.done
 
     async def _drain(self) -> None:
         """Write everything queued, one transaction per round, until the queue is empty."""
@@ -232,14 +244,19 @@ class SqliteStore:
                     db.executemany(
                         "INSERT OR REPLACE INTO executions VALUES (?, ?, ?, ?)", pending.rows
                     )
+                # Only for executions still in the file: a row written after its
+                # execution's eviction would never be deleted.
                 if pending.span_contexts:
                     db.executemany(
-                        "INSERT OR REPLACE INTO span_contexts VALUES (?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO span_contexts SELECT ?, ?, ?, ?, ? WHERE EXISTS"
+                        " (SELECT 1 FROM executions WHERE tenant = ? AND execution_id = ?)",
                         pending.span_contexts,
                     )
                 if pending.liveness:
                     db.executemany(
-                        "INSERT OR REPLACE INTO liveness VALUES (?, ?, ?)", pending.liveness
+                        "INSERT OR REPLACE INTO liveness SELECT ?, ?, ? WHERE EXISTS"
+                        " (SELECT 1 FROM executions WHERE tenant = ? AND execution_id = ?)",
+                        pending.liveness,
                     )
                 if pending.forgotten:
                     db.executemany(

@@ -373,7 +373,7 @@ async def test_a_failing_store_answers_503_and_a_retry_makes_it_durable(
     for _ in range(2):
         response = await client.post("/v1/events", data=orjson.dumps(event))
         assert (503, "1") == (response.status, response.headers["Retry-After"])
-        assert "nothing in this request is acknowledged" in (await response.json())["error"]
+        assert "this request is not acknowledged" in (await response.json())["error"]
     assert {} == store.snapshots
     answer = await post(client, event)  # the store is back: the owed change is committed
     assert (0, 1) == (answer["accepted"], answer["duplicates"])

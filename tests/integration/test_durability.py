@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from monitor.config import build_settings
+from monitor.detectors.engine import Detectors
+from monitor.registry import Registry
+from monitor.server.ingest import Ingestor
+from monitor.states import StateNames
+from monitor.store.sqlite import SqliteStore
+from monitor.testing import GatedStore, state_event
+from tests.conftest import ClientFactory
+from tests.integration.test_api import get, post
 from tests.integration.test_daemon import Daemon
 
 BATCH = 4
@@ -189,3 +202,51 @@ def test_sigterm_drains_a_request_in_flight_and_keeps_it(tmp_path: Path) -> None
     finally:
         restarted.stop()
     assert 10000 == sum(1 for name in states if name.startswith("big-"))
+
+
+async def test_a_request_is_acknowledged_only_once_its_own_changes_are_durable() -> None:
+    """A big batch yields to the loop every 500 events. A commit that runs in that gap (the
+    detector loop's, another request's) must not take half of the request's changes and
+    leave the request to answer 202 before they are on disk."""
+    settings = build_settings({})
+    registry = Registry(settings)
+    store = GatedStore()  # the disk is stuck until the test opens it
+    ingestor = Ingestor(Detectors(registry, settings), store, StateNames(settings.aliases))
+    batch = [{"type": "state", "execution_id": "x", "agent": "a", "state": "running"}]
+    batch += [{"type": "heartbeat", "execution_id": "x"}] * 600
+    answers: list[tuple[int, bool]] = []
+
+    async def request() -> None:
+        result = await ingestor.ingest(orjson.dumps(batch), "application/json", 1000.0)
+        answers.append((result.status, ("default", "x") in store.snapshots))
+
+    tasks = [asyncio.create_task(request()), asyncio.create_task(ingestor.commit())]
+    await asyncio.sleep(0.05)
+    assert [] == answers  # nothing is acknowledged while the store cannot commit
+    store.open()
+    await asyncio.gather(*tasks)
+    assert [(202, True)] == answers
+
+
+async def test_an_unreadable_row_is_skipped_not_a_crash_loop(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """One row that cannot be read (damaged, or an old format) is logged and skipped; the
+    rest of the file is replayed and the daemon serves."""
+    path = tmp_path / "x.db"
+    client = await make_client(store=SqliteStore(path))
+    await post(client, [state_event("good", "running", agent="a"),
+                        state_event("bad", "running", agent="a")])  # fmt: skip
+    await client.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE executions SET snapshot = ? WHERE execution_id = 'bad'",
+                   (b'{"tenant": "default", "execution_id": "bad"}',))  # fmt: skip
+        db.execute("INSERT INTO breakers VALUES ('default', 'x', '{\"state\": \"weird\"}')")
+    db.close()
+
+    restarted = await make_client(store=SqliteStore(path))
+    assert ["good"] == [
+        e["execution_id"] for e in (await get(restarted, "/v1/executions"))["executions"]
+    ]
+    assert "ready" == (await get(restarted, "/readyz"))["status"]
