@@ -79,21 +79,29 @@ async def post_events(request: web.Request) -> web.Response:
     is shed before its body is read: 503 with Retry-After, counted, nothing applied.
     """
     ingestor = request.app[INGESTOR]
-    stats, limit = ingestor.stats, request.app[SETTINGS].max_ingest_in_flight
-    if stats.in_flight >= limit:
-        stats.shed["ingest_in_flight"] += 1
-        return error(
-            503,
-            f"execwatch is busy: {limit} requests are being ingested already "
-            "(max_ingest_in_flight); nothing in this request was applied, retry it after "
-            "Retry-After seconds",
-            {"Retry-After": "1"},
-        )
-    stats.in_flight += 1
+    busy = _busy(request)
+    if busy is not None:
+        return busy
+    ingestor.stats.in_flight += 1
     try:
         return await _ingest(request, ingestor)
     finally:
-        stats.in_flight -= 1
+        ingestor.stats.in_flight -= 1
+
+
+def _busy(request: web.Request) -> web.Response | None:
+    """The 503 for a write over `max_ingest_in_flight` (counted), or None to go ahead."""
+    stats, limit = request.app[INGESTOR].stats, request.app[SETTINGS].max_ingest_in_flight
+    if stats.in_flight < limit:
+        return None
+    stats.shed["ingest_in_flight"] += 1
+    return error(
+        503,
+        f"execwatch is busy: {limit} requests are being ingested already "
+        "(max_ingest_in_flight); nothing in this request was applied, retry it after "
+        "Retry-After seconds",
+        {"Retry-After": "1"},
+    )
 
 
 async def _ingest(request: web.Request, ingestor: Ingestor) -> web.Response:
@@ -264,11 +272,18 @@ async def cancel_execution(request: web.Request) -> web.Response:
             text=f"execution {execution_id!r} already ended in final state '{ex.state}'; "
             "there is nothing to cancel"
         )
+    busy = _busy(request)  # a cancel waits on a commit too: it counts against the limit
+    if busy is not None:
+        return busy
+    ingestor = request.app[INGESTOR]
     registry.request_cancel(ex, "cancel_requested")
+    ingestor.stats.in_flight += 1
     try:
-        await request.app[INGESTOR].commit()
+        await ingestor.commit()
     except StoreUnavailable:
         return error(503, "the store could not commit the request; retry", {"Retry-After": "1"})
+    finally:
+        ingestor.stats.in_flight -= 1
     return respond(
         {"execution_id": execution_id, "action": "cancel", "reason": "cancel_requested"}, 202
     )

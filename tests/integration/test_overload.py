@@ -39,8 +39,10 @@ async def test_a_request_over_the_in_flight_limit_is_shed_and_the_daemon_recover
     assert "max_ingest_in_flight" in body["error"]
     assert "nothing in this request was applied" in body["error"]
     await get(client, "/v1/executions/shed", 404)
+    cancel = await client.post("/v1/executions/w0/cancel")  # waits on a commit too: shed
+    assert (503, "1") == (cancel.status, cancel.headers["Retry-After"])
     text = await scrape(client)
-    assert 'execwatch_requests_shed_total{reason="ingest_in_flight"} 1.0' in text
+    assert 'execwatch_requests_shed_total{reason="ingest_in_flight"} 2.0' in text
     assert "execwatch_ingest_in_flight 2.0" in text
 
     store.open()
