@@ -228,18 +228,11 @@ class SqliteStore:
         try:
             for pending in batch:  # in order: an eviction then a re-registration stays so
                 if pending.evicted:
-                    db.executemany(
-                        "DELETE FROM executions WHERE tenant = ? AND execution_id = ?",
-                        pending.evicted,
-                    )
-                    db.executemany(
-                        "DELETE FROM liveness WHERE tenant = ? AND execution_id = ?",
-                        pending.evicted,
-                    )
-                    db.executemany(
-                        "DELETE FROM span_contexts WHERE tenant = ? AND execution_id = ?",
-                        pending.evicted,
-                    )
+                    for table in ("executions", "liveness", "span_contexts"):
+                        db.executemany(
+                            f"DELETE FROM {table} WHERE tenant = ? AND execution_id = ?",
+                            pending.evicted,
+                        )
                 if pending.rows:
                     db.executemany(
                         "INSERT OR REPLACE INTO executions VALUES (?, ?, ?, ?)", pending.rows
