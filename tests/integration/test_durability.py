@@ -157,9 +157,7 @@ def test_sigterm_checkpoints_the_heartbeats(tmp_path: Path) -> None:
             {"type": "heartbeat", "execution_id": "r", "seq": seq, "progress": seq * 10},
         )  # fmt: skip
         assert 202 == status
-    started = time.monotonic()
-    assert 0 == first.stop()
-    assert time.monotonic() - started < 15  # bounded, well inside a 30 s kill grace
+    assert 0 == first.stop()  # stop() fails if the daemon outlives its 30 s wait
 
     second = Daemon(*args)
     try:
