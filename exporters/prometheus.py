@@ -4,8 +4,9 @@ Gauges are read from the registry and detectors at scrape time. Counters and
 histograms count true events, either from the records every batch produces (the
 sink) or from the plain counters the ingest path keeps. Everything renders through
 prometheus_client from one CollectorRegistry per app. Labels are bounded: `agent`
-is capped (the rest fold into `__overflow__`, counted), and no execution id or
-tenant is ever a label.
+is capped (the rest fold into `__overflow__`, counted), no execution id is ever a
+label, and `tenant` is one only when `[metrics] tenants` names an allowlist (every other
+tenant folds into `__other__`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from monitor.states import LIVE, TERMINAL, ExecState
 from monitor.stats import IngestStats
 
 OVERFLOW = "__overflow__"
+OTHER_TENANT = "__other__"
 STATES = [s.value for s in ExecState if s in LIVE or s is ExecState.DEAD]
 """The states `execwatch_executions` reports: the live ones, and dead."""
 FINISHED = [s.value for s in ExecState if s in TERMINAL]
@@ -54,19 +56,40 @@ DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0
 """Executions run seconds to hours."""
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Detection lag: the target is 0.1 s at p99, the promise 0.5 s."""
+PerAgent = dict[tuple[str, str], int]
+"""Counts per (tenant, agent), as the registry and detectors hand them over."""
 MAX_OVERFLOWED = 100_000
 """Distinct overflowed agent names remembered for the overflow count (then it saturates)."""
 
 
-class AgentLabels:
-    """Maps agent names to label values: the first `cap` seen keep their name."""
+Group = tuple[str, ...]
+"""The leading label values of a per-agent series: (agent,), or (tenant, agent) when a
+tenant allowlist is configured."""
 
-    def __init__(self, cap: int) -> None:
+
+class AgentLabels:
+    """Maps (tenant, agent) to the leading label values of per-agent series.
+
+    The first `cap` agent names seen keep their name, later ones fold into `__overflow__`.
+    With `tenants` (an allowlist), series lead with a `tenant` label: one of those names,
+    or `__other__`; without, tenants are not told apart.
+    """
+
+    def __init__(self, cap: int, tenants: Sequence[str] = ()) -> None:
         self.cap = cap
+        self.tenants = frozenset(tenants)
+        self.names: list[str] = ["tenant", "agent"] if tenants else ["agent"]
+        """The label names the values of __call__ go with."""
         self._known: set[str] = set()
         self._overflowed: set[str] = set()
 
-    def __call__(self, agent: str) -> str:
+    def __call__(self, tenant: str, agent: str) -> Group:
+        label = self.agent(agent)
+        if not self.tenants:
+            return (label,)
+        return (tenant if tenant in self.tenants else OTHER_TENANT, label)
+
+    def agent(self, agent: str) -> str:
         if agent in self._known:
             return agent
         if len(self._known) < self.cap:
@@ -126,37 +149,42 @@ class MetricsSink:
         labels: AgentLabels,
         created_at: Callable[[tuple[str, str]], float | None],
         trace_id: Callable[[tuple[str, str]], str | None],
-        drain: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int]]] = lambda: ({}, {}),
+        drain: Callable[[], tuple[PerAgent, PerAgent]] = lambda: ({}, {}),
     ) -> None:
         self.labels = labels
         self._drain = drain
         self._created_at = created_at
         self._trace_id = trace_id
-        self.started: dict[tuple[str, str], int] = {}
-        self.finished: dict[tuple[str, str, str], int] = {}
-        self.detections: dict[tuple[str, str, str], int] = {}
-        self.revivals: dict[str, int] = {}
-        self.heartbeats: dict[str, int] = {}
-        """Totals per label, drained from the registry (bounded by the label cap)."""
-        self.not_permitted: dict[str, int] = {}
-        self.durations: dict[tuple[str, str, str], Histogram] = {}
+        # Keys lead with the Group of AgentLabels: (agent, ...) or (tenant, agent, ...).
+        self.started: dict[Group, int] = {}
+        """(*group, kind)."""
+        self.finished: dict[Group, int] = {}
+        """(*group, kind, state)."""
+        self.detections: dict[Group, int] = {}
+        """(*group, detector, reason)."""
+        self.revivals: dict[Group, int] = {}
+        self.heartbeats: dict[Group, int] = {}
+        """Totals per group, drained from the registry (bounded by the label caps)."""
+        self.not_permitted: dict[Group, int] = {}
+        self.durations: dict[Group, Histogram] = {}
+        """(*group, kind, state)."""
         self.lags: dict[str, Histogram] = {
             d: Histogram(LAG_BUCKETS) for d in set(DETECTOR.values())
         }
 
-    def absorb(self, heartbeats: dict[str, int], refused: dict[tuple[str, str], int]) -> None:
+    def absorb(self, heartbeats: PerAgent, refused: PerAgent) -> None:
         """Fold counts drained from the registry and detectors into the per-label totals."""
         labels = self.labels
-        for agent, count in heartbeats.items():
-            label = labels(agent)
-            self.heartbeats[label] = self.heartbeats.get(label, 0) + count
-        for (_, agent), count in refused.items():
-            label = labels(agent)
-            self.not_permitted[label] = self.not_permitted.get(label, 0) + count
+        for (tenant, agent), count in heartbeats.items():
+            group = labels(tenant, agent)
+            self.heartbeats[group] = self.heartbeats.get(group, 0) + count
+        for (tenant, agent), count in refused.items():
+            group = labels(tenant, agent)
+            self.not_permitted[group] = self.not_permitted.get(group, 0) + count
 
-    def known_agents(self) -> set[str]:
-        """Agent labels whose series exist (from the first execution on)."""
-        return {agent for agent, _ in self.started}
+    def known_agents(self) -> set[Group]:
+        """Groups whose series exist (from their first execution on)."""
+        return {key[:-1] for key in self.started}
 
     def __call__(self, records: Sequence[Record]) -> None:
         self.absorb(*self._drain())  # keeps the registry's per-agent counts small
@@ -165,51 +193,51 @@ class MetricsSink:
                 self._transition(record)
             elif type(record) is FindingChange:
                 if record.raised:
-                    agent = self.labels(record.agent)
-                    self._detected(agent, record.finding, record.detected_at - record.since)
+                    group = self.labels(record.tenant, record.agent)
+                    self._detected(group, record.finding, record.detected_at - record.since)
             elif type(record) is BreakerTransition and record.new is BreakerState.OPEN:
-                agent = self.labels(record.agent)
-                self._detected(agent, "circuit_open", record.detected_at - record.at)
+                group = self.labels(record.tenant, record.agent)
+                self._detected(group, "circuit_open", record.detected_at - record.at)
 
     def _transition(self, t: Transition) -> None:
-        agent, kind = self.labels(t.agent), t.kind  # a StrEnum is its own label string
+        group, kind = self.labels(t.tenant, t.agent), t.kind  # a StrEnum is its own label
         if t.old is None:
-            self._known(agent, kind)
-            self.started[(agent, kind)] += 1
+            self._known(group, kind)
+            self.started[(*group, kind)] += 1
         if t.new in TERMINAL and (t.old is None or t.old in LIVE or t.revived):
-            self._known(agent, kind)
-            state = t.new
-            self.finished[(agent, kind, state)] += 1
+            self._known(group, kind)
+            key = (*group, kind, t.new)
+            self.finished[key] += 1
             created = self._created_at(t.key)
             if created is not None:
                 trace_id = self._trace_id(t.key)
-                histogram = self.durations.get((agent, kind, state))
+                histogram = self.durations.get(key)
                 if histogram is None:
-                    histogram = self.durations[(agent, kind, state)] = Histogram(DURATION_BUCKETS)
+                    histogram = self.durations[key] = Histogram(DURATION_BUCKETS)
                 histogram.observe(
                     max(0.0, t.at - created), {"trace_id": trace_id} if trace_id else None
                 )
         if t.revived:
-            self.revivals[agent] = self.revivals.get(agent, 0) + 1
+            self.revivals[group] = self.revivals.get(group, 0) + 1
         if t.reason is not None and t.detected_at is not None:
-            self._detected(agent, t.reason, t.detected_at - t.at)
+            self._detected(group, t.reason, t.detected_at - t.at)
 
-    def _known(self, agent: str, kind: str) -> None:
-        """Known series start at 0: an agent's counters exist from its first execution."""
-        if (agent, kind) in self.started:
+    def _known(self, group: Group, kind: str) -> None:
+        """Known series start at 0: a group's counters exist from its first execution."""
+        if (*group, kind) in self.started:
             return
-        self.started[(agent, kind)] = 0
+        self.started[(*group, kind)] = 0
         for state in FINISHED:
-            self.finished[(agent, kind, state)] = 0
+            self.finished[(*group, kind, state)] = 0
         for reason, detector in DETECTOR.items():
-            self.detections.setdefault((agent, detector, reason), 0)
-        self.revivals.setdefault(agent, 0)
-        self.heartbeats.setdefault(agent, 0)
-        self.not_permitted.setdefault(agent, 0)
+            self.detections.setdefault((*group, detector, reason), 0)
+        self.revivals.setdefault(group, 0)
+        self.heartbeats.setdefault(group, 0)
+        self.not_permitted.setdefault(group, 0)
 
-    def _detected(self, agent: str, reason: str, lag: float) -> None:
+    def _detected(self, group: Group, reason: str, lag: float) -> None:
         detector = DETECTOR.get(reason, reason)
-        key = (agent, detector, reason)
+        key = (*group, detector, reason)
         self.detections[key] = self.detections.get(key, 0) + 1
         self.lags[detector].observe(max(0.0, lag))
 
@@ -222,7 +250,7 @@ def _gauge(name: str, help_text: str, value: float) -> Family:
 
 def _counter(name: str, help_text: str, label_names: list[str], values: dict[Any, int]) -> Family:
     family = Family(name, "counter", help_text, label_names)
-    for key, value in sorted(values.items()):
+    for key, value in sorted(values.items()):  # tuples: a group's values lead the key
         family.add(key if isinstance(key, tuple) else (key,), value)
     return family
 
@@ -273,121 +301,124 @@ class ExecwatchCollector(Collector):
         build.add((__version__,), 1)
         yield build
 
-        by_group: dict[tuple[str, str], dict[str, int]] = {key: {} for key in self.sink.started}
-        for (agent, kind, state), count in registry.counts.items():
-            group = by_group.setdefault((labels(agent), kind), {})
-            group[state] = group.get(state, 0) + count
+        lead = labels.names
+        by_group: dict[Group, dict[str, int]] = {key: {} for key in self.sink.started}
+        for (tenant, agent, kind, state), count in registry.counts.items():
+            per = by_group.setdefault((*labels(tenant, agent), kind), {})
+            per[state] = per.get(state, 0) + count
         executions = Family(
             "execwatch_executions", "gauge",
             "Executions held now, by agent, kind and state (live states and dead; 0s included).",
-            ["agent", "kind", "state"],
+            [*lead, "kind", "state"],
         )  # fmt: skip
-        for (agent_label, kind_label), per_state in sorted(by_group.items()):
+        for key, per_state in sorted(by_group.items()):
             for name in STATES:
-                executions.add((agent_label, kind_label, name), per_state.get(name, 0))
+                executions.add((*key, name), per_state.get(name, 0))
         yield executions
 
         known = self.sink.known_agents()
-        findings: dict[tuple[str, str], int] = {
-            (agent, finding): 0 for agent in known for finding in FINDINGS
+        findings: dict[Group, int] = {
+            (*group, finding): 0 for group in known for finding in FINDINGS
         }
         for change in registry.findings.values():
-            key = (labels(change.agent), change.finding)
+            key = (*labels(change.tenant, change.agent), change.finding)
             findings[key] = findings.get(key, 0) + 1
         family = Family(
             "execwatch_findings", "gauge", "Active detector findings, by agent and finding.",
-            ["agent", "finding"],
+            [*lead, "finding"],
         )  # fmt: skip
         for key, count in sorted(findings.items()):
             family.add(key, count)
         yield family
 
-        oldest: dict[str, float] = {}
+        oldest: dict[tuple[str, str], float] = {}
         get = oldest.get
         for ex in registry:  # the one walk over the fleet; kept to attribute reads
             if ex.finished_at is None:
-                agent, at = ex.agent, ex.last_heartbeat_at
-                seen = get(agent)
+                pair, at = (ex.tenant, ex.agent), ex.last_heartbeat_at
+                seen = get(pair)
                 if seen is None or at < seen:
-                    oldest[agent] = at
-        per_label: dict[str, float] = {}
-        for agent, at in oldest.items():
-            label = labels(agent)
-            if label not in per_label or at < per_label[label]:
-                per_label[label] = at
+                    oldest[pair] = at
+        per_group: dict[Group, float] = {}
+        for (tenant, agent), at in oldest.items():
+            group = labels(tenant, agent)
+            if group not in per_group or at < per_group[group]:
+                per_group[group] = at
         family = Family(
             "execwatch_oldest_heartbeat_timestamp_seconds", "gauge",
             "Unix time of the oldest last heartbeat among an agent's live executions.",
-            ["agent"],
+            lead,
         )  # fmt: skip
-        for agent, at in sorted(per_label.items()):
-            family.add((agent,), at)
+        for group, at in sorted(per_group.items()):
+            family.add(group, at)
         yield family
 
         yield from self._breakers()
 
     def _breakers(self) -> Iterator[Family]:
         labels, now = self.sink.labels, self.clock()
+        lead = labels.names
         state = Family(
             "execwatch_circuit_breaker_state", "gauge",
-            "1 for each breaker's current state, 0 for the others.", ["agent", "state"],
+            "1 for each breaker's current state, 0 for the others.", [*lead, "state"],
         )  # fmt: skip
         rate = Family(
             "execwatch_circuit_breaker_failure_rate", "gauge",
-            "Failure rate (0-1) over each breaker's sliding window.", ["agent"],
+            "Failure rate (0-1) over each breaker's sliding window.", lead,
         )  # fmt: skip
-        folded: dict[str, tuple[str, float]] = dict.fromkeys(
+        folded: dict[Group, tuple[str, float]] = dict.fromkeys(
             self.sink.known_agents(), ("closed", 0.0)
         )
         for breaker in self.detectors.breakers.values():
-            agent = labels(breaker.agent)
+            group = labels(breaker.tenant, breaker.agent)
             current = (breaker.state.value, breaker.rate(now))
-            kept = folded.get(agent)
+            kept = folded.get(group)
             # Several breakers under one label (tenants, overflow): show the worst, open first.
             if kept is None or SEVERITY[current[0]] > SEVERITY[kept[0]]:
-                folded[agent] = current
-        for agent, (now_in, failure_rate) in sorted(folded.items()):
+                folded[group] = current
+        for group, (now_in, failure_rate) in sorted(folded.items()):
             for name in BREAKER_STATES:
-                state.add((agent, name), 1.0 if name == now_in else 0.0)
-            rate.add((agent,), failure_rate)
+                state.add((*group, name), 1.0 if name == now_in else 0.0)
+            rate.add(group, failure_rate)
         yield state
         yield rate
         refused = dict(self.sink.not_permitted)
-        for agent in folded:
-            refused.setdefault(agent, 0)
+        for group in folded:
+            refused.setdefault(group, 0)
         yield _counter(
             "execwatch_circuit_breaker_not_permitted_calls",
-            "Executions registered while their agent's breaker refused them.", ["agent"], refused,
+            "Executions registered while their agent's breaker refused them.", lead, refused,
         )  # fmt: skip
 
     def _events(self) -> Iterator[Family]:
         sink, stats, labels = self.sink, self.stats, self.sink.labels
+        lead = labels.names
         yield _counter(
-            "execwatch_executions_started", "Executions registered.", ["agent", "kind"],
+            "execwatch_executions_started", "Executions registered.", [*lead, "kind"],
             sink.started,
         )  # fmt: skip
         yield _counter(
             "execwatch_executions_finished",
             "Executions that reached a terminal state (dead included).",
-            ["agent", "kind", "state"], sink.finished,
+            [*lead, "kind", "state"], sink.finished,
         )  # fmt: skip
         duration = Family(
             "execwatch_execution_duration_seconds", "histogram",
             "Seconds from an execution's first event to its terminal state.",
-            ["agent", "kind", "state"],
+            [*lead, "kind", "state"],
         )  # fmt: skip
         for key, histogram in sorted(sink.durations.items()):
             duration.add_histogram(key, histogram.buckets(), histogram.total)
         yield duration
-        yield _counter("execwatch_heartbeats", "Heartbeats applied.", ["agent"], sink.heartbeats)
+        yield _counter("execwatch_heartbeats", "Heartbeats applied.", lead, sink.heartbeats)
         yield _counter(
             "execwatch_detections",
             "Detections, by agent, detector and reason (timeouts, deaths, findings, breakers).",
-            ["agent", "detector", "reason"], sink.detections,
+            [*lead, "detector", "reason"], sink.detections,
         )  # fmt: skip
         yield _counter(
             "execwatch_revivals", "Dead executions that showed proof of life (false deaths).",
-            ["agent"], sink.revivals,
+            lead, sink.revivals,
         )  # fmt: skip
         received = {t: stats.received.get(t, 0) for t in ("state", "heartbeat", "invalid")}
         yield _counter("execwatch_events_received", "Events received.", ["type"], received)
@@ -431,6 +462,29 @@ class ExecwatchCollector(Collector):
         yield _counter(
             "execwatch_store_commit_failures", "Commits the store failed (answered 503).",
             [], {(): stats.store_failures},
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_auth_failures",
+            "Requests refused: no token or a bad one (401), another tenant's data (403).",
+            ["reason"], dict(stats.auth_failures),
+        )  # fmt: skip
+        stream = stats.stream
+        yield _gauge(
+            "execwatch_stream_consumers", "GET /v1/stream connections open now.", stream.consumers
+        )
+        yield _counter(
+            "execwatch_stream_events", "Events published to the live stream (and its ring).",
+            [], {(): stream.published},
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_stream_consumers_dropped",
+            "Stream consumers let go because their socket stopped taking data.",
+            [], {(): stream.dropped},
+        )  # fmt: skip
+        yield _counter(
+            "execwatch_stream_resets",
+            "Stream reconnects told to re-list (too far behind, or after a restart).",
+            [], {(): stream.resets},
         )  # fmt: skip
         yield _counter(
             "execwatch_requests_shed",

@@ -119,6 +119,16 @@ def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             cursor = page["next_cursor"]
             if cursor is None:
                 break
+    except urllib.error.HTTPError as exc:
+        hint = (
+            "set EXECWATCH_TOKEN to a token of the daemon's [auth.tokens]"
+            if exc.code == 401
+            else "this token may not read that tenant"
+            if exc.code == 403
+            else "see the daemon's log"
+        )
+        print(f"execwatch: {base}/v1/executions answered {exc.code}: {hint}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(
             f"execwatch: cannot read {base}/v1/executions: {exc}; is the daemon running "

@@ -111,6 +111,34 @@ class MetricsSettings:
 
     max_agents: int = 500
     """Agent label values kept; later agents fold into `__overflow__` (counted)."""
+    tenants: tuple[str, ...] = ()
+    """The tenant allowlist: when set, per-agent series carry a `tenant` label whose value
+    is one of these, or `__other__` for every other tenant. Empty: no tenant label."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """GET /v1/stream: the ring it resumes from and how it treats slow consumers."""
+
+    ring_size: int = 10000
+    """Stream events kept for Last-Event-ID resumes; a client further behind gets `reset`."""
+    queue_size: int = 1000
+    """Events waiting for one consumer at most; past it the consumer is dropped (counted)."""
+    keepalive_s: float = 15.0
+    """An idle stream sends a comment this often, so proxies keep the connection open."""
+    max_consumers: int = 100
+    """Streams open at once; one more is answered 503 with Retry-After."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Bearer tokens and what may be read without one."""
+
+    tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Bearer token -> tenant ("*" = every tenant). Empty: no authentication, and the
+    daemon listens on loopback only unless started with --insecure."""
+    metrics_public: bool = False
+    """Serve /metrics without a token even when tokens are configured."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +161,8 @@ class Settings:
     retention: RetentionSettings = RetentionSettings()
     detectors: DetectorSettings = DetectorSettings()
     metrics: MetricsSettings = MetricsSettings()
-    tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    stream: StreamSettings = StreamSettings()
+    auth: AuthSettings = AuthSettings()
     aliases: Mapping[str, ExecState] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -234,9 +263,24 @@ DETECTOR_KEYS: Mapping[str, Check] = {
     "memory_sample_interval_s": _SECONDS,
     "memory_samples_max": _integer(0),
 }
-METRICS_KEYS: Mapping[str, Check] = {"max_agents": _integer(1)}
+
+
+def _names(value: object) -> str | None:
+    if type(value) is list and all(type(v) is str and v for v in value):
+        return None
+    return "a list of non-empty strings"
+
+
+METRICS_KEYS: Mapping[str, Check] = {"max_agents": _integer(1), "tenants": _names}
+STREAM_KEYS: Mapping[str, Check] = {
+    "ring_size": _integer(1),
+    "queue_size": _integer(1),
+    "keepalive_s": _SECONDS,
+    "max_consumers": _integer(1),
+}
 TABLE_KEYS = (
-    "defaults", "agents", "breaker", "retention", "detectors", "metrics", "auth", "aliases",
+    "defaults", "agents", "breaker", "retention", "detectors", "metrics", "stream", "auth",
+    "aliases",
 )  # fmt: skip
 _FLOAT_KEYS = frozenset({"memory_soft_fraction", "failure_rate_threshold"})
 
@@ -330,17 +374,27 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         **_table(_sub(raw, "retention", problems), "[retention]", RETENTION_KEYS, problems)
     )
 
-    values["metrics"] = MetricsSettings(
-        **_table(_sub(raw, "metrics", problems), "[metrics]", METRICS_KEYS, problems)
+    metrics = _table(_sub(raw, "metrics", problems), "[metrics]", METRICS_KEYS, problems)
+    if "tenants" in metrics:
+        metrics["tenants"] = tuple(dict.fromkeys(metrics["tenants"]))
+    values["metrics"] = MetricsSettings(**metrics)
+    values["stream"] = StreamSettings(
+        **_table(_sub(raw, "stream", problems), "[stream]", STREAM_KEYS, problems)
     )
     values["detectors"] = DetectorSettings(
         **_table(_sub(raw, "detectors", problems), "[detectors]", DETECTOR_KEYS, problems)
     )
 
     auth = _sub(raw, "auth", problems)
-    for key in auth:
-        if key != "tokens":
-            problems.append(f"[auth]: unknown key {key!r}; allowed: tokens")
+    metrics_public = False
+    for key, value in auth.items():
+        if key == "metrics_public":
+            if type(value) is bool:
+                metrics_public = value
+            else:
+                problems.append(f"[auth].metrics_public = {value!r}: expected true or false")
+        elif key != "tokens":
+            problems.append(f"[auth]: unknown key {key!r}; allowed: tokens, metrics_public")
     tokens: dict[str, str] = {}
     for token, tenant in _sub(auth, "tokens", problems).items():
         if type(tenant) is not str or not tenant:
@@ -354,7 +408,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
             )
         else:
             tokens[token] = tenant
-    values["tokens"] = MappingProxyType(tokens)
+    values["auth"] = AuthSettings(MappingProxyType(tokens), metrics_public)
 
     aliases: dict[str, ExecState] = {}
     canonical = {s.value: s for s in ExecState}
@@ -391,6 +445,15 @@ def _env_value(text: str) -> object:
 _STRING_KEYS = frozenset({"listen", "database", "memory_policy", "log_level", "log_format"})
 
 
+def _env_path(parts: list[str]) -> list[str]:
+    """Key parts are lower case, but a token keeps its case: it is a secret, compared
+    exactly, so EXECWATCH_AUTH__TOKENS__Abc123xyz=team-a means the token Abc123xyz."""
+    path = [part.lower() for part in parts]
+    if len(path) >= 3 and path[:2] == ["auth", "tokens"]:
+        path[2] = parts[2]
+    return path
+
+
 def _env_layer(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
     """The EXECWATCH_* variables as a TOML-shaped table; each one is also checked on its
     own, so a problem names the variable rather than a key of a file."""
@@ -398,13 +461,12 @@ def _env_layer(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in CLIENT_ENV:
             continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
+        path = _env_path(name[len(ENV_PREFIX) :].split("__"))
         if not all(path):
             problems.append(f"{name}: empty key part; nest keys with a double underscore")
             continue
-        value = (
-            text if path[-1] in _STRING_KEYS or path[0] in ("aliases", "auth") else _env_value(text)
-        )
+        named = path[0] == "aliases" or path[:2] == ["auth", "tokens"]
+        value = text if path[-1] in _STRING_KEYS or named else _env_value(text)
         single: dict[str, Any] = {}
         node = single
         for part in path[:-1]:

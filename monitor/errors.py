@@ -5,6 +5,7 @@
     └── Rejection                an event the daemon will not apply; carries status and reason
         ├── BodyError            400: the body is not JSON or NDJSON at all
         ├── EventError           422: a field is missing, of the wrong type or out of range
+        ├── OtherTenant          403: the event names a tenant its token may not write
         ├── UnknownExecution     404: the execution is not known and the event cannot register it
         ├── InvalidTransition    409: the state machine forbids the move (rule 7)
         │   └── FinalState       409: the execution already ended (rule 6)
@@ -60,6 +61,19 @@ class EventError(Rejection):
         self.field = field
         self.reason = reason
         super().__init__(message)
+
+
+class OtherTenant(Rejection):
+    """An event names a tenant other than the one its token is bound to."""
+
+    status = 403
+    reason = "forbidden_tenant"
+
+    def __init__(self, own: str, named: str) -> None:
+        super().__init__(
+            f"field 'tenant' is {named!r}, but this token writes only tenant {own!r}; leave "
+            f"'tenant' out or set it to {own!r}"
+        )
 
 
 class UnknownExecution(Rejection):

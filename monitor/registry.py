@@ -72,10 +72,11 @@ class Registry:
         """Every active finding, by (execution key, finding)."""
         self.with_pid: dict[Key, Execution] = {}
         """Unfinished executions that reported a pid: the ones the daemon samples itself."""
-        self.counts: dict[tuple[str, Kind, ExecState], int] = {}
-        """Executions held, by (agent, kind, state): kept as they change, read at scrape."""
-        self.heartbeats: dict[str, int] = {}
-        """Heartbeats applied per agent since the metrics last drained them."""
+        self.counts: dict[tuple[str, str, Kind, ExecState], int] = {}
+        """Executions held, by (tenant, agent, kind, state): kept as they change, read at
+        scrape."""
+        self.heartbeats: dict[tuple[str, str], int] = {}
+        """Heartbeats applied per (tenant, agent) since the metrics last drained them."""
         self.stopping: dict[Key, str] = {}
         """Executions that should stop, with the reason their next answer's directive gives."""
 
@@ -168,7 +169,8 @@ class Registry:
         self._executions[key] = ex
         self._count(ex, state, 1)
         if event.type is _HEARTBEAT:
-            self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
+            pair = (ex.tenant, ex.agent)
+            self.heartbeats[pair] = self.heartbeats.get(pair, 0) + 1
         self._absorb(ex, event, now)
         self._absorb_detail(ex, event, now)
         ex.phase = event.phase
@@ -213,7 +215,8 @@ class Registry:
 
         self._absorb(ex, event, now)
         if event.type is _HEARTBEAT:  # counted once it is sure to be applied
-            self.heartbeats[ex.agent] = self.heartbeats.get(ex.agent, 0) + 1
+            pair = (ex.tenant, ex.agent)
+            self.heartbeats[pair] = self.heartbeats.get(pair, 0) + 1
         if event.detail:
             self._absorb_detail(ex, event, now)
             self._changed(ex)
@@ -373,15 +376,15 @@ class Registry:
         return transition
 
     def _count(self, ex: Execution, state: ExecState, delta: int) -> None:
-        bucket = (ex.agent, ex.kind, state)
+        bucket = (ex.tenant, ex.agent, ex.kind, state)
         count = self.counts.get(bucket, 0) + delta
         if count:
             self.counts[bucket] = count
         else:
             del self.counts[bucket]  # agent names come from clients: keep only what is held
 
-    def drain_heartbeats(self) -> dict[str, int]:
-        """Heartbeats applied per agent since the last drain (the metrics keep the totals,
+    def drain_heartbeats(self) -> dict[tuple[str, str], int]:
+        """Heartbeats applied per (tenant, agent) since the last drain (the metrics keep the totals,
         per capped label, so this stays small however many agent names come and go)."""
         drained, self.heartbeats = self.heartbeats, {}
         return drained

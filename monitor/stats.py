@@ -8,11 +8,25 @@ from dataclasses import dataclass, field
 REJECTION_REASONS = (
     "invalid_body", "batch_too_large", "invalid_event", "invalid_json", "missing_field",
     "unknown_field", "invalid_field", "unknown_state", "unknown_execution", "agent_mismatch",
-    "kind_mismatch", "invalid_transition", "final_state", "stale_seq",
+    "kind_mismatch", "invalid_transition", "final_state", "stale_seq", "forbidden_tenant",
 )  # fmt: skip
 """Every reason a rejection can carry: its series start at 0."""
-SHED_REASONS = ("ingest_in_flight",)
+SHED_REASONS = ("ingest_in_flight", "stream_consumers")
 """Why a request can be shed (answered 503 before any work)."""
+AUTH_FAILURES = ("missing_token", "invalid_token", "forbidden_tenant")
+"""Why a request can be refused 401 (no token, a bad one) or 403 (another tenant)."""
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What GET /v1/stream did: events published, consumers open, dropped and reset."""
+
+    published: int = 0
+    consumers: int = 0
+    dropped: int = 0
+    """Consumers let go because their socket stopped taking data."""
+    resets: int = 0
+    """Reconnects told to re-list: what they missed had left the ring, or the daemon restarted."""
 
 
 @dataclass(slots=True)
@@ -28,6 +42,10 @@ class IngestStats:
     duplicates: int = 0
     shed: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(SHED_REASONS, 0)))
     """Requests answered 503 + Retry-After before any work, by reason."""
+    auth_failures: Counter[str] = field(
+        default_factory=lambda: Counter(dict.fromkeys(AUTH_FAILURES, 0))
+    )
+    """Requests refused by authentication (401) or tenant isolation (403), by reason."""
     in_flight: int = 0
     """POST /v1/events requests being applied or committed right now."""
     accepted: int = 0
@@ -40,6 +58,7 @@ class IngestStats:
     """Spans handed to the span processor."""
     spans_exported: int = 0
     """Spans a backend accepted: the gap to spans_finished is queued, dropped or failed."""
+    stream: StreamStats = field(default_factory=StreamStats)
     ingest_lag_s: float = 0.0
     """Receipt time minus `ts` of the newest event that carried a `ts` in the last batch that
     had one: how far behind the senders' reports arrive (buffering, retries, clock skew)."""

@@ -12,10 +12,28 @@ from aiohttp import web
 
 from monitor import __version__
 from monitor.errors import Rejection
-from monitor.events import DEFAULT_TENANT, Kind
+from monitor.events import Kind
+from monitor.model import Execution
 from monitor.registry import counts_by_agent
+from monitor.server import stream
+from monitor.server.auth import (
+    SCOPE,
+    ForeignTenant,
+    list_tenant,
+    named_tenant,
+    write_tenant,
+)
 from monitor.server.ingest import Ingestor, StoreUnavailable
-from monitor.server.keys import CLOCK, DETECTORS, HEALTH, INGESTOR, METRICS, REGISTRY, SETTINGS
+from monitor.server.keys import (
+    CLOCK,
+    DETECTORS,
+    HEALTH,
+    INGESTOR,
+    METRICS,
+    REGISTRY,
+    SETTINGS,
+    STREAM,
+)
 from monitor.server.openapi import document
 from monitor.states import FINAL, LIVE, ExecState
 
@@ -62,6 +80,8 @@ async def json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if isinstance(exc, ForeignTenant):
+            request.app[INGESTOR].stats.auth_failures["forbidden_tenant"] += 1
         message = exc.text or exc.reason
         if isinstance(exc, web.HTTPNotFound) and message == "404: Not Found":
             message = f"no endpoint at {request.path}; the API is described at /openapi.json"
@@ -108,7 +128,7 @@ async def _ingest(request: web.Request, ingestor: Ingestor) -> web.Response:
     body = await request.read()
     now = request.app[CLOCK]()
     try:
-        result = await ingestor.ingest(body, request.content_type, now)
+        result = await ingestor.ingest(body, request.content_type, now, write_tenant(request))
     except Rejection as exc:  # the body as a whole: not JSON (400), too many events (413)
         ingestor.stats.rejected[exc.reason] += 1
         ingestor.stats.received["invalid"] += 1  # received and rejected: the ratio stays true
@@ -179,7 +199,7 @@ async def list_executions(request: web.Request) -> web.Response:
     if "cursor" in query:
         after = _integer("cursor", query["cursor"], 0, "the next_cursor of a previous page")
     page, resume = registry.select(
-        tenant=query.get("tenant"),
+        tenant=list_tenant(request),
         state=state,
         agent=query.get("agent"),
         kind=kind,
@@ -195,15 +215,22 @@ async def list_executions(request: web.Request) -> web.Response:
     )
 
 
+def _named_execution(request: web.Request) -> Execution:
+    """The execution the path names, in the tenant the token may read; 404 otherwise,
+    the same answer whether it exists in another tenant or nowhere."""
+    execution_id = request.match_info["execution_id"]
+    tenant = named_tenant(request)
+    ex = None if tenant is None else request.app[REGISTRY].get(tenant, execution_id)
+    if ex is None:
+        shown = tenant or request.query["tenant"]
+        raise web.HTTPNotFound(text=f"execution {execution_id!r} (tenant {shown!r}) is not known")
+    return ex
+
+
 async def get_execution(request: web.Request) -> web.Response:
     """GET /v1/executions/{execution_id}?tenant="""
     _check_params(request, ("tenant",))
-    execution_id = request.match_info["execution_id"]
-    tenant = request.query.get("tenant", DEFAULT_TENANT)
-    ex = request.app[REGISTRY].get(tenant, execution_id)
-    if ex is None:
-        raise web.HTTPNotFound(text=f"execution {execution_id!r} (tenant {tenant!r}) is not known")
-    return respond(ex.to_dict(request.app[SETTINGS]))
+    return respond(_named_execution(request).to_dict(request.app[SETTINGS]))
 
 
 async def list_agents(request: web.Request) -> web.Response:
@@ -211,7 +238,7 @@ async def list_agents(request: web.Request) -> web.Response:
     _check_params(request, ("tenant",))
     registry, detectors = request.app[REGISTRY], request.app[DETECTORS]
     now = request.app[CLOCK]()
-    tenant = request.query.get("tenant")
+    tenant = list_tenant(request)
     executions = [ex for ex in registry if tenant is None or ex.tenant == tenant]
     counts = counts_by_agent(executions)
     for owner, agent in detectors.breakers:  # an agent whose executions were all evicted
@@ -234,8 +261,12 @@ async def list_agents(request: web.Request) -> web.Response:
 async def get_breaker(request: web.Request) -> web.Response:
     """GET /v1/breakers/{agent}?tenant=: may a new execution of this agent start?"""
     _check_params(request, ("tenant",))
-    tenant = request.query.get("tenant", DEFAULT_TENANT)
-    breaker = request.app[DETECTORS].breaker(tenant, request.match_info["agent"])
+    tenant, agent = named_tenant(request), request.match_info["agent"]
+    if tenant is None:  # another tenant's: the 404 an unknown agent would get if it could
+        raise web.HTTPNotFound(
+            text=f"agent {agent!r} (tenant {request.query['tenant']!r}) is not known"
+        )
+    breaker = request.app[DETECTORS].breaker(tenant, agent)
     return respond(breaker.to_dict(request.app[CLOCK]()))
 
 
@@ -243,7 +274,7 @@ async def list_findings(request: web.Request) -> web.Response:
     """GET /v1/findings?tenant=&agent=&finding=: the active detector findings."""
     _check_params(request, ("tenant", "agent", "finding"))
     query = request.query
-    tenant, agent, name = query.get("tenant"), query.get("agent"), query.get("finding")
+    tenant, agent, name = list_tenant(request), query.get("agent"), query.get("finding")
     findings = [
         {"execution_id": f.execution_id, "tenant": f.tenant, "agent": f.agent, **f.to_dict()}
         for f in request.app[REGISTRY].findings.values()
@@ -261,12 +292,9 @@ async def cancel_execution(request: web.Request) -> web.Response:
     Its next answers carry a cancel directive; the SDK acts on it.
     """
     _check_params(request, ("tenant",))
-    execution_id = request.match_info["execution_id"]
-    tenant = request.query.get("tenant", DEFAULT_TENANT)
     registry = request.app[REGISTRY]
-    ex = registry.get(tenant, execution_id)
-    if ex is None:
-        raise web.HTTPNotFound(text=f"execution {execution_id!r} (tenant {tenant!r}) is not known")
+    ex = _named_execution(request)
+    execution_id = ex.execution_id
     if ex.state in FINAL:
         raise web.HTTPConflict(
             text=f"execution {execution_id!r} already ended in final state '{ex.state}'; "
@@ -289,8 +317,38 @@ async def cancel_execution(request: web.Request) -> web.Response:
     )
 
 
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """GET /v1/stream?tenant=&last_event_id=: Server-Sent Events of transitions, findings
+    and breaker changes; `Last-Event-ID` resumes (see monitor.server.stream)."""
+    _check_params(request, ("tenant", "last_event_id"))
+    tenant = list_tenant(request)
+    broadcaster = request.app[STREAM]
+    if broadcaster.closing:
+        return error(503, "the daemon is stopping; reconnect in a moment", {"Retry-After": "2"})
+    limit = broadcaster.settings.max_consumers
+    if len(broadcaster.consumers) >= limit:
+        request.app[INGESTOR].stats.shed["stream_consumers"] += 1
+        return error(
+            503,
+            f"{limit} streams are open already ([stream] max_consumers); retry after "
+            "Retry-After seconds",
+            {"Retry-After": "5"},
+        )
+    return await stream.serve(request, broadcaster, tenant)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text, or OpenMetrics (with exemplars) when the Accept asks."""
+    """GET /metrics: Prometheus text, or OpenMetrics (with exemplars) when the Accept asks.
+
+    The series cover every tenant, so a token bound to one tenant may not read them."""
+    own = request[SCOPE].tenant
+    if own is not None:
+        request.app[INGESTOR].stats.auth_failures["forbidden_tenant"] += 1
+        return error(
+            403,
+            f"/metrics covers every tenant, and this token reads only tenant {own!r}: "
+            'scrape with an all-tenants ("*") token, or set [auth] metrics_public = true',
+        )
     body, content_type = await request.app[METRICS].render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -332,13 +390,15 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def landing(request: web.Request) -> web.Response:
     """A small page with the links a person looks for first."""
-    registry = request.app[REGISTRY]
+    tenant = list_tenant(request)
+    known = sum(1 for ex in request.app[REGISTRY] if tenant is None or ex.tenant == tenant)
     links = "".join(
         f'<li><a href="{path}">{path}</a></li>'
         for path in (
             "/v1/executions",
             "/v1/agents",
             "/v1/findings",
+            "/v1/stream",
             "/metrics",
             "/openapi.json",
             "/healthz",
@@ -347,7 +407,7 @@ async def landing(request: web.Request) -> web.Response:
     )
     html = (
         f"<!doctype html><html><head><title>execwatch</title></head><body>"
-        f"<h1>execwatch {__version__}</h1><p>{len(registry)} executions known.</p>"
+        f"<h1>execwatch {__version__}</h1><p>{known} executions known.</p>"
         f"<ul>{links}</ul></body></html>"
     )
     return web.Response(text=html, content_type="text/html")

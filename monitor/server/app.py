@@ -20,6 +20,7 @@ from monitor.config import Settings
 from monitor.detectors.engine import Detectors
 from monitor.registry import Registry
 from monitor.server import api
+from monitor.server.auth import make_middleware
 from monitor.server.ingest import Ingestor, Sink
 from monitor.server.keys import (
     CLOCK,
@@ -33,9 +34,11 @@ from monitor.server.keys import (
     SETTINGS,
     SPANS,
     STORE,
+    STREAM,
     Health,
 )
 from monitor.server.scheduler import ProcessWatch, detector_tasks, freeze_long_lived
+from monitor.server.stream import Broadcaster
 from monitor.server.systemd import Notifier
 from monitor.states import TERMINAL, StateNames
 from monitor.store import Store
@@ -62,6 +65,7 @@ ROUTES: Sequence[Route] = (
     Route("GET", "/v1/agents", api.list_agents),
     Route("GET", "/v1/breakers/{agent}", api.get_breaker),
     Route("GET", "/v1/findings", api.list_findings),
+    Route("GET", "/v1/stream", api.stream_events),
     Route("GET", "/metrics", api.metrics),
     Route("GET", "/healthz", api.healthz),
     Route("GET", "/readyz", api.readyz),
@@ -86,10 +90,21 @@ def make_app(
     Traces are exported when `otel_environ` (the OTEL_* variables) asks for them, or to
     `span_exporter` (tests).
     """
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[api.json_errors])
     registry = Registry(settings)
     detectors = Detectors(registry, settings)
     store = store if store is not None else NullStore()
+    ingestor = Ingestor(
+        detectors, store, StateNames(settings.aliases), (), settings.max_batch_events
+    )
+    authenticate = make_middleware(
+        settings.auth.tokens,
+        settings.auth.metrics_public,
+        api.error,
+        lambda reason: ingestor.stats.auth_failures.update((reason,)),
+    )
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[api.json_errors, authenticate]
+    )
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[DETECTORS] = detectors
@@ -99,18 +114,19 @@ def make_app(
     app[NOTIFIER] = notifier if notifier is not None else Notifier(None, None)
     app[PROCESSES] = ProcessWatch()
     traces = TraceIds()
-    ingestor = Ingestor(
-        detectors, store, StateNames(settings.aliases), (), settings.max_batch_events
-    )
     app[INGESTOR] = ingestor
     metrics_sink = MetricsSink(
-        AgentLabels(settings.metrics.max_agents),
+        AgentLabels(settings.metrics.max_agents, settings.metrics.tenants),
         created_at=lambda key: None if (ex := registry.by_key(key)) is None else ex.created_at,
         trace_id=lambda key: traces.exemplar_trace_id(key, registry.by_key(key)),
         drain=lambda: (registry.drain_heartbeats(), detectors.drain_not_permitted()),
     )
     app[METRICS] = Metrics(ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock))
-    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key)]
+    # Stream ids start at the start time in microseconds: they increase across restarts.
+    app[STREAM] = broadcaster = Broadcaster(
+        settings.stream, int(clock() * 1_000_000), ingestor.stats.stream
+    )
+    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key), broadcaster]
     pipeline = make_span_pipeline(otel_environ or {}, ingestor.stats, span_exporter)
     if pipeline is not None:
         span_sink = SpanSink(pipeline, traces, registry.by_key)
@@ -137,6 +153,7 @@ async def _flush_spans(app: web.Application) -> AsyncIterator[None]:
 async def _draining(app: web.Application) -> None:
     """SIGTERM: the listener is closed; say so before the in-flight requests drain."""
     app[HEALTH].ready = False
+    app[STREAM].close()  # streams end now; they would hold the drain for its whole timeout
     app[NOTIFIER].stopping()
     log.info("daemon_draining")
 

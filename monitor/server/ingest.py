@@ -12,7 +12,7 @@ import structlog
 from exporters.traces import TraceIds
 from monitor.detectors.breaker import Breaker
 from monitor.detectors.engine import Detectors, Record
-from monitor.errors import DuplicateEvent, Rejection
+from monitor.errors import DuplicateEvent, OtherTenant, Rejection
 from monitor.events import EventType, decode_body, parse_event
 from monitor.model import Execution, Key
 from monitor.states import StateNames
@@ -105,6 +105,9 @@ class Ingestor:
     ) -> IngestResult:
         """Apply every good event of `body` at daemon time `now`; reject the rest by index.
 
+        `tenant` is the tenant the caller's token is bound to: events default to it, and
+        one that names another is rejected 403. None: events may name any tenant.
+
         Raises BodyError when the body is not JSON/NDJSON at all, BatchTooLarge over
         `max_batch_events`, StoreUnavailable when the durable commit failed.
         """
@@ -132,7 +135,10 @@ class Ingestor:
                 try:
                     if isinstance(item, Rejection):
                         raise item
-                    event = parse_event(item, now, names, tenant)
+                    parsed = parse_event(item, now, names, tenant)
+                    if tenant is not None and parsed.tenant != tenant:
+                        raise OtherTenant(tenant, parsed.tenant)  # never applied, never named
+                    event = parsed
                     transition = apply(event, now)
                     if transition is not None:
                         records.append(transition)

@@ -12,6 +12,7 @@ from monitor.config import Settings
 from monitor.detectors.engine import Detectors
 from monitor.registry import Registry
 from monitor.server.ingest import Ingestor
+from monitor.server.stream import Broadcaster
 from monitor.server.systemd import Notifier
 from monitor.store import Store
 
@@ -38,3 +39,4 @@ METRICS: web.AppKey[Any] = web.AppKey("metrics")  # exporters.prometheus.Metrics
 NOTIFIER = web.AppKey("notifier", Notifier)
 SPANS: web.AppKey[Any] = web.AppKey("spans")  # exporters.otel.SpanSink, when tracing is on
 PROCESSES: web.AppKey[Any] = web.AppKey("processes")  # scheduler.ProcessWatch (which imports keys)
+STREAM = web.AppKey("stream", Broadcaster)

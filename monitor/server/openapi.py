@@ -191,6 +191,18 @@ INGEST_RESULT = {
 }
 
 
+_SSE_EVENT: dict[str, Any] = {
+    "description": "One event; `data` is a JSON object (see the README for its fields)",
+    "type": "object",
+    "properties": {
+        "event": {"enum": ["transition", "finding", "breaker", "reset"]},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "retry": {"type": "integer"},
+    },
+}
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -230,6 +242,9 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": {
                 "202": _json(_ref("IngestResult"), "Applied; rejections listed by index"),
                 "400": _ERROR,
+                "403": _json(
+                    _ref("IngestResult"), "An event names another tenant than the token's"
+                ),
                 "404": _json(_ref("IngestResult"), "The execution is not known"),
                 "409": _json(_ref("IngestResult"), "The transition is not allowed"),
                 "413": _ERROR,
@@ -355,6 +370,33 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
+    "/v1/stream": {
+        "get": {
+            "summary": "Live Server-Sent Events: transitions, findings and breaker changes",
+            "description": "Events `transition`, `finding` and `breaker` carry increasing ids "
+            "(daemon-wide, so a tenant sees gaps). Send `Last-Event-ID` (or `last_event_id`) to "
+            "resume: what was missed is replayed from a bounded ring, or one `reset` event says "
+            "to re-list. Comments keep an idle stream open; a consumer that stops reading is "
+            "dropped.",
+            "parameters": [
+                _TENANT_QUERY,
+                _query(
+                    "last_event_id",
+                    {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "resume after this id (as the Last-Event-ID header does)",
+                ),
+            ],
+            "responses": {
+                "200": {
+                    "description": "The stream (text/event-stream), open until the client goes",
+                    "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                },
+                "400": _ERROR,
+                "403": _ERROR,
+                "503": _ERROR,
+            },
+        }
+    },
     "/metrics": {
         "get": {
             "summary": "Prometheus metrics",
@@ -371,6 +413,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {
         "get": {
             "summary": "Liveness",
+            "security": [],
             "responses": {
                 "200": _json({"type": "object"}, "The event loop and the detector loop answer"),
                 "503": _json({"type": "object"}, "The detector loop has not woken for 60 s"),
@@ -380,6 +423,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/readyz": {
         "get": {
             "summary": "Readiness",
+            "security": [],
             "responses": {
                 "200": _json({"type": "object"}, "Replayed and serving"),
                 "503": _json({"type": "object"}, "Starting or draining"),
@@ -395,6 +439,26 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+_LISTS = ("/", "/v1/executions", "/v1/agents", "/v1/findings", "/v1/stream", "/metrics")
+"""403 for a token bound to another tenant than `?tenant=` names (and /metrics: a bound token)."""
+
+
+def _with_auth(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every operation but the probes answers 401 without a good token (when tokens are
+    configured); lists answer 403 for another tenant's data."""
+    out: dict[str, dict[str, Any]] = {}
+    for path, operations in paths.items():
+        out[path] = {}
+        for method, operation in operations.items():
+            responses = dict(operation["responses"])
+            if operation.get("security") != []:
+                responses.setdefault("401", _ERROR)
+            if path in _LISTS:
+                responses.setdefault("403", _ERROR)
+            out[path][method] = {**operation, "responses": responses}
+    return out
+
+
 @cache
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
@@ -405,8 +469,16 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": "Sidecar that watches long-running executions.",
         },
-        "paths": PATHS,
+        "paths": _with_auth(PATHS),
+        "security": [{"bearer": []}, {}],
         "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token of [auth.tokens]; needed once any are configured",
+                }
+            },
             "schemas": {
                 "Event": EVENT,
                 "Execution": EXECUTION,
@@ -419,6 +491,6 @@ def document() -> dict[str, Any]:
                     "required": ["error", "status"],
                     "properties": {"error": {"type": "string"}, "status": {"type": "integer"}},
                 },
-            }
+            },
         },
     }

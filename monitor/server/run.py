@@ -40,19 +40,15 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings, insecure: bool) -> None:
-    """Refuse a non-loopback address unless told --insecure.
-
-    Bearer tokens are read from [auth.tokens] but not enforced yet, so they do not
-    make a public address safe: until they are, only --insecure opens one.
-    """
-    if insecure or is_loopback(settings.host):
+    """Refuse a non-loopback address without [auth.tokens], unless told --insecure."""
+    if insecure or settings.auth.tokens or is_loopback(settings.host):
         return
     raise ConfigError(
         [
             f"listen = {settings.listen!r} accepts connections from other machines, and no "
-            "authentication is enforced yet ([auth.tokens] are read but not checked), so "
-            "anyone who can reach it could write and read every tenant's executions; listen "
-            "on 127.0.0.1, or pass --insecure if the network is trusted"
+            "[auth.tokens] are configured, so anyone who can reach it could write and read "
+            "every tenant's executions; configure [auth.tokens], listen on 127.0.0.1, or "
+            "pass --insecure if the network is trusted"
         ]
     )
 

@@ -51,9 +51,13 @@ class Daemon:
                 return match[1]
         raise AssertionError(f"the daemon exited before listening: {''.join(lines)}")
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers=headers or {}
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.load(response)
@@ -135,32 +139,51 @@ def test_status_says_when_the_daemon_is_unreachable(capsys: pytest.CaptureFixtur
     assert "cannot read http://127.0.0.1:9/v1/executions" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("with_tokens", [False, True])
-def test_a_public_address_is_refused_while_auth_is_not_enforced(
-    tmp_path: Path, with_tokens: bool
-) -> None:
-    """No non-loopback listen without --insecure: configured tokens are not enforced yet."""
-    config = tmp_path / "execwatch.toml"
-    config.write_text('[auth.tokens]\n"change-me-please" = "team-a"\n' if with_tokens else "")
+def test_a_public_address_without_tokens_is_refused(tmp_path: Path) -> None:
+    """No non-loopback listen without [auth.tokens] unless --insecure, and it says why."""
     result = subprocess.run(
-        [
-            *EXECWATCH,
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--database",
-            ":memory:",
-            "--config",
-            str(config),
-        ],
+        [*EXECWATCH, "serve", "--listen", "0.0.0.0:0", "--database", ":memory:"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EXECWATCH_")},
     )
     assert 2 == result.returncode
-    assert "no authentication is enforced yet" in result.stderr
+    assert "no [auth.tokens] are configured" in result.stderr
     assert "--insecure" in result.stderr
+
+
+def test_with_tokens_a_public_address_serves_and_demands_a_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tokens make a public address safe: 401 without one, the token's tenant with one; the
+    probes stay open, and `execwatch status` sends EXECWATCH_TOKEN."""
+    config = tmp_path / "execwatch.toml"
+    config.write_text('[auth.tokens]\n"token-of-team-a" = "team-a"\n')
+    daemon = Daemon("--listen", "0.0.0.0:0", "--config", str(config))
+    try:
+        event = {"type": "state", "execution_id": "r-1", "agent": "triage", "state": "running"}
+        assert 401 == daemon.request("POST", "/v1/events", event)[0]
+        token = {"Authorization": "Bearer token-of-team-a"}
+        assert 202 == daemon.request("POST", "/v1/events", event, token)[0]
+        status, listed = daemon.request("GET", "/v1/executions", headers=token)
+        assert (200, ["team-a"]) == (status, [ex["tenant"] for ex in listed["executions"]])
+        assert 200 == daemon.request("GET", "/readyz")[0]
+        assert 200 == daemon.request("GET", "/healthz")[0]
+
+        port = daemon.url.rsplit(":", 1)[1]
+        url = f"http://127.0.0.1:{port}"
+        assert 1 == main(["status", "--url", url])
+        assert "401" in capsys.readouterr().err
+        os.environ["EXECWATCH_TOKEN"] = "token-of-team-a"
+        try:
+            assert 0 == main(["status", "--url", url])
+        finally:
+            del os.environ["EXECWATCH_TOKEN"]
+        assert "r-1" in capsys.readouterr().out
+    finally:
+        daemon.stop()
 
 
 def test_a_busy_port_is_a_clear_error(daemon: Daemon) -> None:

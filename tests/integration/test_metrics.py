@@ -129,6 +129,48 @@ async def test_no_execution_id_or_tenant_in_any_label(
             assert forbidden.isdisjoint(dict(labels).values()), (name, labels)
 
 
+SUMMABLE = (
+    "execwatch_executions", "execwatch_executions_started_total",
+    "execwatch_executions_finished_total", "execwatch_execution_duration_seconds_count",
+    "execwatch_execution_duration_seconds_bucket", "execwatch_heartbeats_total",
+    "execwatch_detections_total", "execwatch_findings", "execwatch_revivals_total",
+    "execwatch_circuit_breaker_not_permitted_calls_total",
+)  # fmt: skip
+"""Per-agent families whose series add up across tenants."""
+
+
+async def test_a_tenant_allowlist_splits_series_by_tenant_and_folds_the_rest(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """[metrics] tenants: per-agent series lead with `tenant`, named for listed tenants and
+    `__other__` for the rest; summed over tenants they are the series without the list."""
+    plain = await make_client(CONFIG)
+    await scenario(plain, clock)
+    split = await make_client({**CONFIG, "metrics": {"tenants": ["team-a"]}})
+    await scenario(split, clock)
+    without, with_tenants = samples(await scrape(plain)), samples(await scrape(split))
+
+    assert 2 == value(with_tenants, "execwatch_executions_started_total",
+                      tenant="team-a", agent="triage", kind="agent")  # fmt: skip
+    assert 1 == value(with_tenants, "execwatch_executions_started_total",
+                      tenant="__other__", agent="triage", kind="agent")  # fmt: skip
+    assert 3 == value(
+        with_tenants, "execwatch_heartbeats_total", tenant="__other__", agent="triage"
+    )
+    assert 0 == value(with_tenants, "execwatch_heartbeats_total", tenant="team-a", agent="triage")
+    state = "execwatch_circuit_breaker_state"
+    assert 1 == value(with_tenants, state, tenant="__other__", agent="flaky", state="open")
+
+    summed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for (name, labels), number in with_tenants.items():
+        if "agent" in dict(labels):
+            assert dict(labels)["tenant"] in ("team-a", "__other__"), (name, labels)
+        if name in SUMMABLE:
+            rest = tuple((k, v) for k, v in labels if k != "tenant")
+            summed[(name, rest)] = summed.get((name, rest), 0.0) + number
+    assert {k: v for k, v in without.items() if k[0] in SUMMABLE} == summed
+
+
 async def test_the_agent_label_is_capped_and_the_overflow_counted(
     make_client: ClientFactory,
 ) -> None:
@@ -265,7 +307,7 @@ async def test_counters_never_go_backwards_and_gauges_keep_their_zeros(
     found = samples(await scrape(client))
     assert 1 == value(found, "execwatch_circuit_breaker_not_permitted_calls_total", agent="a")
     assert 0 == value(found, "execwatch_executions", agent="a", kind="job", state="pending")
-    assert not any(key[0] == "a" for key in client.app[REGISTRY].counts)
+    assert not any(key[1] == "a" for key in client.app[REGISTRY].counts)
 
 
 async def test_an_open_breaker_wins_over_a_half_open_one_under_one_label(

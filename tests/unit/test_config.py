@@ -50,7 +50,7 @@ def test_the_design_example_config_loads(tmp_path: Path) -> None:
     assert 300.0 == settings.limits_for("triage").run_timeout_s
     assert 30.0 == settings.limits_for("triage").heartbeat_timeout_s  # from [defaults]
     assert settings.limits_for("other") is settings.defaults
-    assert {"change-me": "team-a"} == dict(settings.tokens)
+    assert {"change-me": "team-a"} == dict(settings.auth.tokens)
     assert {"SUCCESS_WITH_WARNINGS": ExecState.COMPLETED} == dict(settings.aliases)
 
 

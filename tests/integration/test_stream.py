@@ -1,0 +1,315 @@
+"""GET /v1/stream: order, tenant scope, resume after a disconnect, reset, keep-alive, a
+stalled consumer dropped while ingestion goes on, and a clean end at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from monitor.server.keys import INGESTOR, STREAM
+from monitor.testing import FakeClock, RecordingSink, heartbeat, state_event
+from tests.conftest import ClientFactory
+from tests.integration.test_api import Client, post
+from tests.integration.test_daemon import Daemon
+from tests.integration.test_detectors_api import tick
+
+READ_TIMEOUT_S = 10.0
+"""How long a test waits for an event that must come (a hang fails, it does not time)."""
+
+
+@dataclass
+class Event:
+    event: str
+    id: int | None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Reader:
+    """Parses a text/event-stream body: events, and the comments seen between them."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.comments: list[str] = []
+        self.retry: int | None = None
+
+    async def next(self) -> Event:
+        fields: dict[str, str] = {}
+        while True:
+            raw = await asyncio.wait_for(self.response.content.readline(), READ_TIMEOUT_S)
+            if not raw:
+                raise EOFError("the stream ended")
+            line = raw.decode().rstrip("\n")
+            if line == "":
+                if "event" in fields or "data" in fields:
+                    event_id = int(fields["id"]) if "id" in fields else None
+                    return Event(fields.get("event", "message"), event_id,
+                                 json.loads(fields.get("data", "{}")))  # fmt: skip
+                continue
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                continue
+            name, _, text = line.partition(":")
+            if name == "retry":
+                self.retry = int(text.strip())
+            else:
+                fields[name] = text.removeprefix(" ")
+
+    async def comment(self) -> str:
+        """The next comment line (events before it are skipped)."""
+        while True:
+            raw = await asyncio.wait_for(self.response.content.readline(), READ_TIMEOUT_S)
+            if not raw:
+                raise EOFError("the stream ended")
+            if raw.startswith(b":"):
+                return raw[1:].decode().strip()
+
+    async def take(self, count: int) -> list[Event]:
+        return [await self.next() for _ in range(count)]
+
+
+async def open_stream(
+    client: Client, query: str = "", headers: dict[str, str] | None = None
+) -> Reader:
+    response = await client.get(f"/v1/stream{query}", headers=headers or {})
+    assert 200 == response.status, await response.text()
+    assert response.content_type == "text/event-stream"
+    assert "no-cache" == response.headers["Cache-Control"]
+    return Reader(response)
+
+
+def run(execution_id: str, *states: str, **fields: Any) -> list[dict[str, Any]]:
+    """An execution's state events, the first registering it."""
+    first, *rest = states
+    return [state_event(execution_id, first, agent="a", **fields),
+            *(state_event(execution_id, s, **fields) for s in rest)]  # fmt: skip
+
+
+async def test_events_come_in_commit_order_with_increasing_ids(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Transitions, findings and breaker changes arrive in the order the sinks saw them
+    (commit order), each with a larger id than the last."""
+    sink = RecordingSink()
+    client = await make_client(
+        {"breaker": {"minimum_calls": 2}, "defaults": {"heartbeat_timeout_s": 5}}, sinks=[sink]
+    )
+    reader = await open_stream(client)
+    for i in range(20):
+        await post(client, run(f"r{i}", "queued", "starting", "running"))
+    await post(client, run("f1", "running", "failed") + run("f2", "running", "failed"))
+    await tick(client, clock, 6)  # 20 deaths, as one sweep
+    expected = [
+        (type(r).__name__, getattr(r, "execution_id", None), getattr(r, "new", None))
+        for r in sink.records
+    ]
+    got = await reader.take(len(expected))
+    names = {"Transition": "transition", "FindingChange": "finding", "BreakerTransition": "breaker"}
+    assert [(names[k], i, s and str(s)) for k, i, s in expected] == [
+        (e.event, e.data.get("execution_id"), e.data.get("to")) for e in got
+    ]
+    ids = [e.id for e in got]
+    assert sorted(set(ids)) == ids  # strictly increasing
+    assert 2000 == reader.retry
+    assert {"transition", "breaker"} == {e.event for e in got}
+    assert "open" == next(e for e in got if e.event == "breaker").data["to"]
+    assert "heartbeat" == got[-1].data["reason"]
+
+
+async def test_a_token_streams_only_its_tenant(make_client: ClientFactory) -> None:
+    """Scoped like every list: one tenant for its token; all, or the one asked, for '*'."""
+    tokens = {"token-of-team-a": "team-a", "token-of-all": "*"}
+    client = await make_client({"auth": {"tokens": tokens}})
+    team_a = {"Authorization": "Bearer token-of-team-a"}
+    every = {"Authorization": "Bearer token-of-all"}
+    own = await open_stream(client, headers=team_a)
+    everything = await open_stream(client, headers=every)
+    only_b = await open_stream(client, "?tenant=team-b", every)
+    for i, tenant in enumerate(("team-b", "team-a", "team-b", "team-b")):
+        await post(client, state_event(f"r{i}", "queued", agent="a", tenant=tenant), headers=every)
+    assert ["team-a"] == [e.data["tenant"] for e in await own.take(1)]
+    assert ["team-b", "team-a", "team-b", "team-b"] == [
+        e.data["tenant"] for e in await everything.take(4)
+    ]
+    assert ["team-b"] * 3 == [e.data["tenant"] for e in await only_b.take(3)]
+    forbidden = await client.get("/v1/stream?tenant=team-b", headers=team_a)
+    assert 403 == forbidden.status
+
+
+async def test_a_reconnect_with_last_event_id_misses_nothing(
+    make_client: ClientFactory,
+) -> None:
+    """Disconnect, let events happen, reconnect with Last-Event-ID: the missed events
+    first, in order, then the live ones; ?last_event_id= works the same."""
+    client = await make_client()
+    first = await open_stream(client)
+    await post(client, run("r1", "queued", "running"))
+    seen = await first.take(2)
+    first.response.close()
+    await post(client, run("r2", "queued", "running") + run("r1", "completed"))
+
+    again = await open_stream(client, headers={"Last-Event-ID": str(seen[-1].id)})
+    missed = await again.take(3)
+    assert [("r2", "pending"), ("r2", "running"), ("r1", "completed")] == [
+        (e.data["execution_id"], e.data["to"]) for e in missed
+    ]
+    assert all(e.id is not None and seen[-1].id is not None and e.id > seen[-1].id for e in missed)
+    await post(client, run("r3", "queued"))
+    assert "r3" == (await again.take(1))[0].data["execution_id"]
+
+    by_query = await open_stream(client, f"?last_event_id={seen[0].id}")
+    assert ["r1", "r2", "r2", "r1", "r3"] == [
+        e.data["execution_id"] for e in await by_query.take(5)
+    ]
+
+
+async def test_a_client_too_far_behind_is_told_to_reset(make_client: ClientFactory) -> None:
+    """The ring holds 5 events: 10 later, a resume cannot be served, so the first event is
+    `reset`, whose id is where to go on from; then the live events follow."""
+    client = await make_client({"stream": {"ring_size": 5}})
+    reader = await open_stream(client)
+    await post(client, run("r0", "queued"))
+    last = (await reader.take(1))[0]
+    reader.response.close()
+    await post(client, [state_event(f"r{i}", "queued", agent="a") for i in range(1, 11)])
+
+    behind = await open_stream(client, headers={"Last-Event-ID": str(last.id)})
+    reset = await behind.next()
+    assert "reset" == reset.event
+    assert "ring_size" in reset.data["reason"]
+    assert last.id == reset.data["last_event_id"]
+    await post(client, run("r11", "queued"))
+    live = await behind.next()
+    assert ("transition", "r11") == (live.event, live.data["execution_id"])
+    assert reset.id is not None
+    assert live.id == reset.id + 1
+    assert 1 == client.app[INGESTOR].stats.stream.resets
+
+    resumed = await open_stream(client, headers={"Last-Event-ID": str(reset.id)})
+    assert "r11" == (await resumed.next()).data["execution_id"]  # resets can be resumed from
+
+
+async def test_an_id_from_before_a_restart_gets_a_reset(make_client: ClientFactory) -> None:
+    """Ids start at the start time in microseconds: an older id is from another run."""
+    client = await make_client()
+    before_start = client.app[STREAM].first_id - 1000
+    reader = await open_stream(client, headers={"Last-Event-ID": str(before_start)})
+    reset = await reader.next()
+    assert "reset" == reset.event
+    assert "restarted" in reset.data["reason"]
+    bad = await client.get("/v1/stream", headers={"Last-Event-ID": "yesterday"})
+    assert 400 == bad.status
+    assert "Last-Event-ID" in (await bad.json())["error"]
+
+
+async def test_a_quiet_tenant_resumes_however_busy_the_others_were(
+    make_client: ClientFactory,
+) -> None:
+    """team-b overruns the ring; team-a, which had nothing in what left it, resumes whole."""
+    tokens = {"token-of-team-a": "team-a", "token-of-all": "*"}
+    client = await make_client({"auth": {"tokens": tokens}, "stream": {"ring_size": 5}})
+    team_a = {"Authorization": "Bearer token-of-team-a"}
+    every = {"Authorization": "Bearer token-of-all"}
+    reader = await open_stream(client, headers=team_a)
+    await post(client, state_event("a1", "queued", agent="a"), headers=team_a)
+    last = (await reader.take(1))[0]
+    reader.response.close()
+    busy = [state_event(f"b{i}", "queued", agent="b", tenant="team-b") for i in range(10)]
+    await post(client, busy, headers=every)
+    await post(client, state_event("a2", "queued", agent="a"), headers=team_a)
+    resumed = await open_stream(client, headers={**team_a, "Last-Event-ID": str(last.id)})
+    event = await resumed.next()
+    assert ("transition", "a2") == (event.event, event.data["execution_id"])
+
+
+async def test_an_idle_stream_sends_keep_alive_comments(make_client: ClientFactory) -> None:
+    client = await make_client({"stream": {"keepalive_s": 0.05}})
+    """Proxies close connections that carry nothing for a while: a comment goes out."""
+    reader = await open_stream(client)
+    await post(client, run("r", "queued"))
+    await reader.next()
+    await post(client, heartbeat("r"))  # heartbeats are no stream events
+    assert "keep-alive" == await reader.comment()
+
+
+async def test_streams_are_capped_and_the_one_over_is_shed(make_client: ClientFactory) -> None:
+    client = await make_client({"stream": {"max_consumers": 1}})
+    await open_stream(client)
+    over = await client.get("/v1/stream")
+    assert (503, "5") == (over.status, over.headers["Retry-After"])
+    assert 1 == client.app[INGESTOR].stats.shed["stream_consumers"]
+
+
+async def test_a_stalled_consumer_is_dropped_while_ingestion_goes_on(
+    make_client: ClientFactory,
+) -> None:
+    """One consumer stops reading: its queue fills, it is dropped and counted, and every
+    ingest request is answered 202 meanwhile; a healthy consumer gets every event, in order."""
+    client = await make_client({"stream": {"queue_size": 50}})
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(stalled, (client.server.host, client.server.port))
+    await loop.sock_sendall(stalled, b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    healthy = await open_stream(client)
+    while client.app[INGESTOR].stats.stream.consumers < 2:
+        await asyncio.sleep(0.01)
+
+    phase = "p" * 128  # big frames fill the stalled socket's buffers sooner
+    total = 0
+    stats = client.app[INGESTOR].stats.stream
+    received: list[Event] = []
+    batches = 0
+    while stats.dropped == 0:
+        assert batches < 200, "the stalled consumer was never dropped"
+        batch = [state_event(f"r{batches}-{i}", "queued", agent="a", phase=phase)
+                 for i in range(500)]  # fmt: skip
+        answer = await post(client, batch)
+        assert 500 == answer["accepted"]
+        total += 500
+        batches += 1
+        received += await healthy.take(500)  # the healthy one keeps up
+    assert 1 == stats.dropped
+    assert 1 == stats.consumers
+    assert total == len(received)
+    ids = [e.id for e in received]
+    assert sorted(set(ids)) == ids
+    stalled.close()
+
+
+def test_a_real_daemon_ends_its_streams_cleanly_on_sigterm() -> None:
+    """SIGTERM: an open stream ends with the end of its chunked body (not a reset), and the
+    daemon exits 0 without waiting out its drain timeout on it."""
+    daemon = Daemon()
+    try:
+        request = urllib.request.Request(daemon.url + "/v1/stream")
+        with urllib.request.urlopen(request, timeout=30) as stream:
+            assert b"retry: 2000\n" == stream.readline()
+            event = {"type": "state", "execution_id": "r", "agent": "a", "state": "queued"}
+            assert 202 == daemon.request("POST", "/v1/events", event)[0]
+            frame = b"".join(stream.readline() for _ in range(5))
+            assert b"event: transition\n" in frame
+            assert b'"execution_id":"r"' in frame
+            daemon.process.send_signal(15)
+            assert b"" == stream.read()  # a clean end of the body; a reset would raise
+        assert 0 == daemon.process.wait(timeout=30)
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+
+
+def test_stream_events_are_json_lines_a_browser_can_read() -> None:
+    """orjson never writes a newline: each event's data is one `data:` line."""
+    from monitor.server.stream import frame
+
+    text = frame("transition", 7, {"detail": "line one\nline two"}).decode()
+    assert text.startswith("id: 7\nevent: transition\ndata: ")
+    assert 1 == text.count("data:")
+    assert {"detail": "line one\nline two"} == orjson.loads(text.split("data: ")[1])
