@@ -38,6 +38,8 @@ log = structlog.get_logger("execwatch.stream")
 
 RETRY_MS = 2000
 """How long an EventSource waits before it reconnects (the `retry:` field)."""
+MAX_TENANTS_TRACKED = 10_000
+"""Tenants whose ring watermark is kept apart (then all share one, conservatively)."""
 MIN_WRITE_TIMEOUT_S = 30.0
 """A write that has not finished in max(this, 2 x keepalive_s) means a consumer that
 stopped reading while nothing else came: it is dropped too, not held open forever."""
@@ -141,6 +143,9 @@ class Broadcaster:
         self.evicted: dict[str, int] = {}
         """Per tenant, the newest of its ids that left the ring: a client of that tenant
         that saw at least this far can resume, however busy the other tenants were."""
+        self.evicted_floor = first_id - 1
+        """For a tenant not in `evicted`: it is cleared past MAX_TENANTS_TRACKED (tenant
+        names come from clients), and then every tenant is judged by this, conservatively."""
         self.consumers: set[Consumer] = set()
         self.closing = False
 
@@ -155,6 +160,9 @@ class Broadcaster:
             if len(ring) >= size:
                 old = ring.popleft()
                 self.evicted_any = self.evicted[old.tenant] = old.id
+                if len(self.evicted) > MAX_TENANTS_TRACKED:
+                    self.evicted.clear()
+                    self.evicted_floor = old.id
             ring.append(entry)
             for consumer in consumers:
                 if consumer.dropped or (
@@ -197,7 +205,9 @@ class Broadcaster:
         if last_id is None:
             return consumer, []
         newest = self.next_id - 1
-        seen_all = self.evicted_any if tenant is None else self.evicted.get(tenant, 0)
+        seen_all = (
+            self.evicted_any if tenant is None else self.evicted.get(tenant, self.evicted_floor)
+        )
         if last_id < self.first_id - 1 or last_id > newest:
             why = "the daemon restarted since that id; what happened meanwhile is not kept"
         elif last_id < seen_all:

@@ -8,16 +8,17 @@ import json
 import shlex
 import socket
 import time
+import tomllib
 from pathlib import Path
 
 import yaml
 
 from monitor.cli import _parser
-from monitor.config import DETECTOR_KEYS
+from monitor.config import DETECTOR_KEYS, build_settings
 from monitor.server.api import HEALTHZ_STALE_S
 from monitor.server.app import ROUTES
 from monitor.server.keys import HEALTH
-from monitor.server.run import SHUTDOWN_TIMEOUT_S
+from monitor.server.run import SHUTDOWN_TIMEOUT_S, check_exposure
 from tests.conftest import ClientFactory
 from tests.integration.test_api import get
 from tests.integration.test_daemon import Daemon
@@ -149,9 +150,22 @@ def test_the_kubernetes_sidecar_probes_endpoints_that_exist() -> None:
     assert str(port["execwatch"]) == annotations["prometheus.io/port"]
     assert "/metrics" in paths
     (worker,) = pod["containers"]
-    assert {"EXECWATCH_URL": f"http://127.0.0.1:{port['execwatch']}"} == {
-        e["name"]: e["value"] for e in worker["env"]
-    }
+    env = {e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"] for e in worker["env"]}
+    assert f"http://127.0.0.1:{port['execwatch']}" == env["EXECWATCH_URL"]
+
+    # No --insecure: the tokens of the mounted Secret make the pod address safe, and the
+    # app's token is one of them.
+    assert "--insecure" not in sidecar["args"]
+    secret = next(d for d in documents if d["kind"] == "Secret")
+    mount = next(m for m in sidecar["volumeMounts"] if parsed.config.startswith(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert secret["metadata"]["name"] == volume["secret"]["secretName"]
+    settings = build_settings(tomllib.loads(secret["stringData"]["execwatch.toml"]))
+    check_exposure(settings, insecure=False)
+    assert secret["metadata"]["name"] == env["EXECWATCH_TOKEN"]["name"]
+    app_token = secret["stringData"][env["EXECWATCH_TOKEN"]["key"]]
+    assert "agent-worker" == settings.auth.tokens[app_token]
+    assert "*" == settings.auth.tokens[secret["stringData"]["scrape-token"]]
     policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
     assert [{"port": port["execwatch"], "protocol": "TCP"}] == policy["spec"]["ingress"][0]["ports"]
 
