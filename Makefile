@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/detection.py
 	$(PY) bench/exporting.py
 	$(PY) bench/durability.py
+	$(PY) bench/stream.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

@@ -13,13 +13,16 @@ gets one `reset` event instead: re-list with GET /v1/executions, then follow on.
 
 A consumer whose socket stops taking data while events keep coming has a bounded queue:
 past `queue_size` waiting events it is dropped (its connection aborted, counted), and the
-ingest path never waits for it. Its reconnect resumes from the ring.
+ingest path never waits for it. A burst may outgrow the queue of a consumer that is only
+waiting for its turn on the event loop, but never the ring. Its reconnect resumes from
+the ring.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +41,9 @@ log = structlog.get_logger("execwatch.stream")
 
 RETRY_MS = 2000
 """How long an EventSource waits before it reconnects (the `retry:` field)."""
+SEND_BUFFER_BYTES = 256 * 1024
+"""A stream socket's kernel send buffer: ample for events at LAN speed, and bounding what
+the kernel holds for a consumer that stopped reading."""
 MAX_TENANTS_TRACKED = 10_000
 """Tenants whose ring watermark is kept apart (then all share one, conservatively)."""
 MIN_WRITE_TIMEOUT_S = 30.0
@@ -169,7 +175,10 @@ class Broadcaster:
                     consumer.tenant is not None and consumer.tenant != entry.tenant
                 ):
                     continue
-                if consumer.writing and len(consumer.pending) >= limit:
+                waiting = len(consumer.pending)
+                # A burst may outgrow the queue while the consumer waits its turn on the
+                # loop; it may not outgrow the ring, which could not resume it anyway.
+                if waiting >= limit and (consumer.writing or waiting >= size):
                     self._drop(consumer)
                     continue
                 consumer.pending.append(entry)
@@ -267,6 +276,12 @@ async def serve(
     )
     await response.prepare(request)
     transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A fixed send buffer: autotuned, the kernel holds megabytes for a consumer
+            # that stopped reading before its queue even starts to fill.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def abort() -> None:
         if transport is not None:
@@ -296,11 +311,14 @@ async def serve(
             if not consumer.pending:
                 consumer.wake.clear()
                 try:
-                    await asyncio.wait_for(consumer.wake.wait(), keepalive)
+                    async with asyncio.timeout(keepalive):  # no task per wait, unlike wait_for
+                        await consumer.wake.wait()
                 except TimeoutError:
                     await write(b": keep-alive\n\n")
+                    continue
+                await asyncio.sleep(0)  # let the requests finishing this turn add theirs
                 continue
-            chunk = b"".join(entry.frame() for entry in consumer.pending)
+            chunk = b"".join([entry.frame() for entry in consumer.pending])
             consumer.pending.clear()
             await write(chunk)
     except ConnectionError:
