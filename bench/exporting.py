@@ -176,6 +176,7 @@ async def ingest_rate(name: str, exporters_on: bool, round_: int, batches: int) 
             app[SPANS].pipeline.processor = BatchSpanProcessor(NullExporter())
         else:
             ingestor.set_sinks([])
+            ingestor.publish = None
         bodies = workload(name, round_, batches)
         gc.collect()
         t0 = time.perf_counter()

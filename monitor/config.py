@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -128,6 +129,8 @@ class StreamSettings:
     """An idle stream sends a comment this often, so proxies keep the connection open."""
     max_consumers: int = 100
     """Streams open at once; one more is answered 503 with Retry-After."""
+    max_consumers_per_tenant: int = 10
+    """Streams of one tenant open at once, so one tenant cannot take every slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,18 +268,27 @@ DETECTOR_KEYS: Mapping[str, Check] = {
 }
 
 
-def _names(value: object) -> str | None:
-    if type(value) is list and all(type(v) is str and v for v in value):
+TENANT_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""What an event's `tenant` may be (monitor.events checks the same)."""
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+"""Visible ASCII: what an Authorization header can carry intact."""
+
+
+def _tenant_names(value: object) -> str | None:
+    if type(value) is list and all(
+        type(v) is str and TENANT_NAME.fullmatch(v) and v != "__other__" for v in value
+    ):
         return None
-    return "a list of non-empty strings"
+    return "a list of tenant names (1-128 of A-Z a-z 0-9 . _ : -; not __other__)"
 
 
-METRICS_KEYS: Mapping[str, Check] = {"max_agents": _integer(1), "tenants": _names}
+METRICS_KEYS: Mapping[str, Check] = {"max_agents": _integer(1), "tenants": _tenant_names}
 STREAM_KEYS: Mapping[str, Check] = {
     "ring_size": _integer(1),
     "queue_size": _integer(1),
-    "keepalive_s": _SECONDS,
+    "keepalive_s": _number(0.01, above=False),
     "max_consumers": _integer(1),
+    "max_consumers_per_tenant": _integer(1),
 }
 TABLE_KEYS = (
     "defaults", "agents", "breaker", "retention", "detectors", "metrics", "stream", "auth",
@@ -397,10 +409,15 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
             problems.append(f"[auth]: unknown key {key!r}; allowed: tokens, metrics_public")
     tokens: dict[str, str] = {}
     for token, tenant in _sub(auth, "tokens", problems).items():
-        if type(tenant) is not str or not tenant:
+        if type(tenant) is not str or not (tenant == "*" or TENANT_NAME.fullmatch(tenant)):
             problems.append(
                 f"[auth.tokens]: the token ending {token[-4:]!r} must map to a tenant name "
-                f'or "*", got {tenant!r}'
+                f'(1-128 of A-Z a-z 0-9 . _ : -) or "*", got {tenant!r}'
+            )
+        elif not _TOKEN_CHARS.fullmatch(token):
+            problems.append(
+                f"[auth.tokens]: the token ending {token[-4:]!r} holds a space or a character "
+                "outside visible ASCII; no Authorization header could carry it intact"
             )
         elif len(token) < 8:
             problems.append(

@@ -6,6 +6,7 @@
         ├── BodyError            400: the body is not JSON or NDJSON at all
         ├── EventError           422: a field is missing, of the wrong type or out of range
         ├── OtherTenant          403: the event names a tenant its token may not write
+        ├── ForbiddenField       403: the event carries a field its token may not set
         ├── UnknownExecution     404: the execution is not known and the event cannot register it
         ├── InvalidTransition    409: the state machine forbids the move (rule 7)
         │   └── FinalState       409: the execution already ended (rule 6)
@@ -74,6 +75,17 @@ class OtherTenant(Rejection):
             f"field 'tenant' is {named!r}, but this token writes only tenant {own!r}; leave "
             f"'tenant' out or set it to {own!r}"
         )
+
+
+class ForbiddenField(Rejection):
+    """An event from a one-tenant token carries a field only all-tenants tokens may set."""
+
+    status = 403
+    reason = "forbidden_field"
+
+    def __init__(self, field: str, why: str) -> None:
+        self.field = field
+        super().__init__(f"field {field!r} is accepted only from an all-tenants token: {why}")
 
 
 class UnknownExecution(Rejection):

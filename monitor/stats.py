@@ -9,6 +9,7 @@ REJECTION_REASONS = (
     "invalid_body", "batch_too_large", "invalid_event", "invalid_json", "missing_field",
     "unknown_field", "invalid_field", "unknown_state", "unknown_execution", "agent_mismatch",
     "kind_mismatch", "invalid_transition", "final_state", "stale_seq", "forbidden_tenant",
+    "forbidden_field",
 )  # fmt: skip
 """Every reason a rejection can carry: its series start at 0."""
 SHED_REASONS = ("ingest_in_flight", "stream_consumers")

@@ -325,15 +325,10 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     broadcaster = request.app[STREAM]
     if broadcaster.closing:
         return error(503, "the daemon is stopping; reconnect in a moment", {"Retry-After": "2"})
-    limit = broadcaster.settings.max_consumers
-    if len(broadcaster.consumers) >= limit:
+    full = broadcaster.full(tenant)
+    if full is not None:
         request.app[INGESTOR].stats.shed["stream_consumers"] += 1
-        return error(
-            503,
-            f"{limit} streams are open already ([stream] max_consumers); retry after "
-            "Retry-After seconds",
-            {"Retry-After": "5"},
-        )
+        return error(503, f"{full}; retry after Retry-After seconds", {"Retry-After": "5"})
     return await stream.serve(request, broadcaster, tenant)
 
 

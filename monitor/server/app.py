@@ -126,7 +126,8 @@ def make_app(
     app[STREAM] = broadcaster = Broadcaster(
         settings.stream, int(clock() * 1_000_000), ingestor.stats.stream
     )
-    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key), broadcaster]
+    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key)]
+    ingestor.set_publish(broadcaster)
     pipeline = make_span_pipeline(otel_environ or {}, ingestor.stats, span_exporter)
     if pipeline is not None:
         span_sink = SpanSink(pipeline, traces, registry.by_key)

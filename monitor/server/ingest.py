@@ -12,9 +12,10 @@ import structlog
 from exporters.traces import TraceIds
 from monitor.detectors.breaker import Breaker
 from monitor.detectors.engine import Detectors, Record
-from monitor.errors import DuplicateEvent, OtherTenant, Rejection
+from monitor.errors import DuplicateEvent, ForbiddenField, OtherTenant, Rejection
 from monitor.events import EventType, decode_body, parse_event
 from monitor.model import Execution, Key
+from monitor.server.stream import Broadcaster
 from monitor.states import StateNames
 from monitor.stats import IngestStats
 from monitor.store import Changes, Store
@@ -25,6 +26,10 @@ Sink = Callable[[Sequence[Record]], None]
 """Receives every batch of records (exporters, the live stream). Must not block."""
 
 _HEARTBEAT = EventType.HEARTBEAT
+PID_NEEDS_ALL_TENANTS = (
+    "the daemon samples that process's memory and may signal it, and a one-tenant token "
+    'must not reach another tenant\'s processes; send pids with a "*" token'
+)
 MAX_REJECTIONS_SHOWN = 100
 """An answer lists at most this many rejections; `rejected_omitted` counts the rest."""
 YIELD_EVERY = 500
@@ -93,12 +98,23 @@ class Ingestor:
         other committer while it takes: a request is one commit, never split."""
         self.traces: TraceIds | None = None
         """Set when spans are exported: their contexts are committed with the rest."""
+        self.publish: Broadcaster | None = None
+        """The live stream: fed only what is committed (the other sinks mirror memory)."""
+        self.unpublished: list[Record] = []
+        """Records of failed commits, published with the next commit that succeeds (at
+        most the stream's ring_size: beyond, the stream is told of a gap)."""
+        self.lost_unpublished = False
 
     def set_sinks(self, sinks: Sequence[Sink]) -> None:
         """Feed records to `sinks`, in order; their failure counts start at 0."""
         self.sinks = list(sinks)
         for sink in self.sinks:
             self.stats.sink_failures.setdefault(sink_name(sink), 0)
+
+    def set_publish(self, publish: Broadcaster) -> None:
+        """Feed `publish` (the live stream) each commit's records once it succeeded."""
+        self.publish = publish
+        self.stats.sink_failures.setdefault(sink_name(publish), 0)
 
     async def ingest(
         self, body: bytes, content_type: str, now: float, tenant: str | None = None
@@ -120,6 +136,9 @@ class Ingestor:
             )
         registry, names, stats = self.registry, self.names, self.stats
         apply, stopping = self.detectors.apply, registry.stopping
+        # Side records (a finding cleared, a breaker moved) go out right where they
+        # happened, between the transitions of the events that caused them.
+        during, after = registry.outbox, self.detectors.outbox
         accepted = heartbeats = invalid = duplicates = 0
         rejected: list[dict[str, Any]] = []
         named: dict[Key, None] = {}
@@ -136,11 +155,21 @@ class Ingestor:
                     if isinstance(item, Rejection):
                         raise item
                     parsed = parse_event(item, now, names, tenant)
-                    if tenant is not None and parsed.tenant != tenant:
-                        raise OtherTenant(tenant, parsed.tenant)  # never applied, never named
+                    if tenant is not None:
+                        if parsed.tenant != tenant:
+                            raise OtherTenant(tenant, parsed.tenant)  # never applied or named
+                        if parsed.pid is not None:
+                            raise ForbiddenField("pid", PID_NEEDS_ALL_TENANTS)
                     event = parsed
                     transition = apply(event, now)
-                    if transition is not None:
+                    if during or after:
+                        records += during
+                        during.clear()
+                        if transition is not None:
+                            records.append(transition)
+                        records += after
+                        after.clear()
+                    elif transition is not None:
                         records.append(transition)
                     accepted += 1
                 except DuplicateEvent:
@@ -232,7 +261,7 @@ class Ingestor:
         return _Taken(records, changes, dirty, breakers)
 
     async def _write(self, taken: _Taken) -> None:
-        changes = taken.changes
+        changes, committed = taken.changes, False
         try:
             if changes is not None:
                 try:
@@ -242,10 +271,34 @@ class Ingestor:
                     self.stats.store_failures += 1
                     log.exception("store_commit_failed", executions=len(changes.executions))
                     raise StoreUnavailable(str(exc)) from exc
+            committed = True
         finally:
             # The sinks mirror the registry, which changed whether or not the store kept up.
             if taken.records:
                 self.fan_out(taken.records)
+            # The stream promises what is committed: a failed commit's records wait.
+            if self.publish is not None and (taken.records or self.unpublished):
+                if committed:
+                    owed, self.unpublished = self.unpublished, []
+                    if self.lost_unpublished:
+                        self.lost_unpublished = False
+                        self.publish.gap()
+                    self._publish([*owed, *taken.records] if owed else taken.records)
+                else:
+                    self.unpublished += taken.records
+                    excess = len(self.unpublished) - self.publish.settings.ring_size
+                    if excess > 0:
+                        del self.unpublished[:excess]
+                        self.lost_unpublished = True
+
+    def _publish(self, records: Sequence[Record]) -> None:
+        assert self.publish is not None
+        try:
+            self.publish(records)
+        except Exception:
+            name = sink_name(self.publish)
+            self.stats.sink_failures[name] += 1
+            log.exception("sink_failed", sink=name)
 
     def _give_back(self, taken: _Taken) -> None:
         """A commit failed: everything it took is owed to the next one."""

@@ -219,6 +219,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/": {
         "get": {
             "summary": "Landing page",
+            "parameters": [_TENANT_QUERY],
             "responses": {"200": {"description": "HTML with links", "content": {"text/html": {}}}},
         }
     },
@@ -325,7 +326,11 @@ PATHS: dict[str, dict[str, Any]] = {
                 {"name": "agent", "in": "path", "required": True, "schema": _NAME},
                 _TENANT_QUERY,
             ],
-            "responses": {"200": _json(_ref("Breaker"), "The breaker"), "400": _ERROR},
+            "responses": {
+                "200": _json(_ref("Breaker"), "The breaker"),
+                "400": _ERROR,
+                "404": _ERROR,
+            },
         }
     },
     "/v1/findings": {
@@ -374,7 +379,8 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": {
             "summary": "Live Server-Sent Events: transitions, findings and breaker changes",
             "description": "Events `transition`, `finding` and `breaker` carry increasing ids "
-            "(daemon-wide, so a tenant sees gaps). Send `Last-Event-ID` (or `last_event_id`) to "
+            "(one sequence per tenant on a one-tenant stream, one daemon-wide on an "
+            "all-tenants stream). Send `Last-Event-ID` (or `last_event_id`) to "
             "resume: what was missed is replayed from a bounded ring, or one `reset` event says "
             "to re-list. Comments keep an idle stream open; a consumer that stops reading is "
             "dropped.",
@@ -385,6 +391,13 @@ PATHS: dict[str, dict[str, Any]] = {
                     {"type": "string", "pattern": "^[0-9]{1,18}$"},
                     "resume after this id (as the Last-Event-ID header does)",
                 ),
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "description": "resume after this id (EventSource sends it on reconnect)",
+                },
             ],
             "responses": {
                 "200": {

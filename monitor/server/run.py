@@ -39,9 +39,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+PLACEHOLDERS = ("change-me", "replace-me")
+"""Tokens of the examples (DESIGN.md, the Kubernetes manifest): known to everyone."""
+
+
 def check_exposure(settings: Settings, insecure: bool) -> None:
-    """Refuse a non-loopback address without [auth.tokens], unless told --insecure."""
-    if insecure or settings.auth.tokens or is_loopback(settings.host):
+    """Refuse a non-loopback address without [auth.tokens] (unless told --insecure), or
+    with a token copied from an example."""
+    if is_loopback(settings.host):
+        return
+    examples = [t for t in settings.auth.tokens if any(p in t.lower() for p in PLACEHOLDERS)]
+    if examples and not insecure:
+        raise ConfigError(
+            [
+                f"listen = {settings.listen!r} accepts connections from other machines, and "
+                f"[auth.tokens] still holds the example token ending {examples[0][-6:]!r}, "
+                "which anyone can read; replace it (e.g. openssl rand -hex 32)"
+            ]
+        )
+    if insecure or settings.auth.tokens:
         return
     raise ConfigError(
         [

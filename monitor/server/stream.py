@@ -96,45 +96,58 @@ def payload(record: Record) -> tuple[str, dict[str, Any]]:
 
 def frame(event: str, event_id: int, data: object) -> bytes:
     """One SSE event (orjson never writes a newline, so the data is one `data:` line)."""
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, event.encode(), orjson.dumps(data))
+    return _FRAME % (event_id, event.encode(), orjson.dumps(data))
+
+
+_FRAME = b"id: %d\nevent: %s\ndata: %s\n\n"
 
 
 class Entry:
-    """One stream event in the ring; its bytes are built once, when first sent."""
+    """One stream event in the ring: its id in the daemon-wide sequence (`every`) and in
+    its tenant's (`own`); its data is serialised once, when first sent."""
 
-    __slots__ = ("_frame", "id", "record", "tenant")
+    __slots__ = ("_data", "every", "own", "record")
 
-    def __init__(self, event_id: int, record: Record) -> None:
-        self.id = event_id
+    def __init__(self, every: int, own: int, record: Record) -> None:
+        self.every = every
+        self.own = own
         self.record = record
-        self.tenant = record.tenant
-        self._frame: bytes | None = None
+        self._data: tuple[bytes, bytes] | None = None
 
-    def frame(self) -> bytes:
-        if self._frame is None:
-            event, data = payload(self.record)
-            self._frame = frame(event, self.id, data)
-        return self._frame
+    def frame(self, scoped: bool) -> bytes:
+        """The event with the id of a one-tenant stream (`scoped`) or of an all-tenants one."""
+        data = self._data
+        if data is None:
+            event, fields = payload(self.record)
+            data = self._data = (event.encode(), orjson.dumps(fields))
+        return _FRAME % (self.own if scoped else self.every, data[0], data[1])
 
 
 class Consumer:
     """One open stream: what waits to be written to it, and whether it was dropped."""
 
-    __slots__ = ("abort", "dropped", "pending", "tenant", "wake", "writing")
+    __slots__ = ("abort", "dropped", "pending", "reset", "tenant", "wake", "writing")
 
     def __init__(self, tenant: str | None, abort: Callable[[], None]) -> None:
         self.tenant = tenant
-        """Its scope: one tenant, or None for every tenant."""
+        """Its scope: one tenant (ids of that tenant's sequence), or None for every tenant."""
         self.abort = abort
         self.pending: deque[Entry] = deque()
         self.wake = asyncio.Event()
         self.writing = False
         """True while a write to its socket has not returned: it is not keeping up."""
         self.dropped = False
+        self.reset = False
+        """Events were lost before publication: it must be told to re-list."""
 
 
 class Broadcaster:
-    """The ring and the open streams; a sink of the ingest path (it never blocks)."""
+    """The ring and the open streams; fed each commit's records (it never blocks).
+
+    Two id sequences: one daemon-wide, for all-tenants streams, and one per tenant, for
+    streams of one tenant, so a tenant's ids say nothing about the others' traffic. Both
+    start at the daemon's start time in microseconds.
+    """
 
     name = "stream"
 
@@ -143,47 +156,89 @@ class Broadcaster:
         self.stats = stats
         self.first_id = first_id
         self.next_id = first_id
+        """The next id of the daemon-wide sequence."""
+        self.tenant_next: dict[str, int] = {}
+        """The next id of each tenant's sequence (a tenant not here starts at `floor`)."""
+        self.floor = first_id
         self.ring: deque[Entry] = deque()
         self.evicted_any = first_id - 1
-        """The newest id that left the ring."""
+        """The newest daemon-wide id that left the ring."""
         self.evicted: dict[str, int] = {}
-        """Per tenant, the newest of its ids that left the ring: a client of that tenant
-        that saw at least this far can resume, however busy the other tenants were."""
+        """Per tenant, the newest of its own ids that left the ring: a client of that
+        tenant that saw at least this far can resume, however busy the others were."""
         self.evicted_floor = first_id - 1
-        """For a tenant not in `evicted`: it is cleared past MAX_TENANTS_TRACKED (tenant
-        names come from clients), and then every tenant is judged by this, conservatively."""
-        self.consumers: set[Consumer] = set()
+        """The watermark of a tenant not in `evicted`."""
+        self.scoped: dict[str | None, set[Consumer]] = {}
+        """Open consumers by scope (None: all tenants)."""
         self.closing = False
+
+    @property
+    def consumers(self) -> int:
+        return sum(len(group) for group in self.scoped.values())
+
+    def newest(self, tenant: str | None) -> int:
+        """The newest id sent in a scope (one before its first when there is none yet)."""
+        if tenant is None:
+            return self.next_id - 1
+        return self.tenant_next.get(tenant, self.floor) - 1
 
     # ---- the ingest side -----------------------------------------------------------------
 
     def __call__(self, records: Sequence[Record]) -> None:
-        ring, size, consumers = self.ring, self.settings.ring_size, self.consumers
-        limit = self.settings.queue_size
+        ring, size, limit = self.ring, self.settings.ring_size, self.settings.queue_size
+        scoped, tenant_next = self.scoped, self.tenant_next
+        every_scope = scoped.get(None)
         for record in records:
-            entry = Entry(self.next_id, record)
+            tenant = record.tenant
+            own = tenant_next.get(tenant, self.floor)
+            entry = Entry(self.next_id, own, record)
             self.next_id += 1
+            tenant_next[tenant] = own + 1
             if len(ring) >= size:
-                old = ring.popleft()
-                self.evicted_any = self.evicted[old.tenant] = old.id
-                if len(self.evicted) > MAX_TENANTS_TRACKED:
-                    self.evicted.clear()
-                    self.evicted_floor = old.id
+                self._evict(ring.popleft())
             ring.append(entry)
-            for consumer in consumers:
-                if consumer.dropped or (
-                    consumer.tenant is not None and consumer.tenant != entry.tenant
-                ):
+            for group in (every_scope, scoped.get(tenant)):
+                if not group:
                     continue
-                waiting = len(consumer.pending)
-                # A burst may outgrow the queue while the consumer waits its turn on the
-                # loop; it may not outgrow the ring, which could not resume it anyway.
-                if waiting >= limit and (consumer.writing or waiting >= size):
-                    self._drop(consumer)
-                    continue
-                consumer.pending.append(entry)
-                consumer.wake.set()
+                for consumer in group:
+                    if consumer.dropped:
+                        continue
+                    waiting = len(consumer.pending)
+                    # A burst may outgrow the queue while the consumer waits its turn on
+                    # the loop; it may not outgrow the ring, which could not resume it.
+                    if waiting >= limit and (consumer.writing or waiting >= size):
+                        self._drop(consumer)
+                        continue
+                    consumer.pending.append(entry)
+                    consumer.wake.set()
         self.stats.published += len(records)
+        if len(tenant_next) > MAX_TENANTS_TRACKED:
+            self._forget_tenants()
+
+    def _evict(self, old: Entry) -> None:
+        self.evicted_any = old.every
+        self.evicted[old.record.tenant] = old.own
+
+    def _forget_tenants(self) -> None:
+        """Tenant names come from clients: past MAX_TENANTS_TRACKED the per-tenant state
+        starts over from floors above every id issued so far. Ids keep increasing; a
+        resume from before this point gets a reset."""
+        self.tenant_next.clear()
+        self.evicted.clear()
+        self.floor = self.next_id
+        self.evicted_floor = self.next_id - 1
+
+    def gap(self) -> None:
+        """Events were lost before they could be published (the store failed for too
+        long): every open stream gets a reset, and no resume may cross this point."""
+        self._forget_tenants()
+        self.evicted_any = self.next_id - 1
+        self.ring.clear()
+        for group in self.scoped.values():
+            for consumer in group:
+                consumer.pending.clear()
+                consumer.reset = True
+                consumer.wake.set()
 
     def _drop(self, consumer: Consumer) -> None:
         """Its socket is not taking data and its queue is full: let it go, never wait."""
@@ -203,49 +258,75 @@ class Broadcaster:
 
     # ---- the consumer side ---------------------------------------------------------------
 
+    def full(self, tenant: str | None) -> str | None:
+        """Why one more stream of this scope may not open, or None."""
+        if self.consumers >= self.settings.max_consumers:
+            return "the daemon's stream limit ([stream] max_consumers) is reached"
+        if (
+            tenant is not None
+            and len(self.scoped.get(tenant, ())) >= self.settings.max_consumers_per_tenant
+        ):
+            return "this tenant's stream limit ([stream] max_consumers_per_tenant) is reached"
+        return None
+
     def subscribe(
         self, tenant: str | None, last_id: int | None, abort: Callable[[], None]
-    ) -> tuple[Consumer, list[Entry] | dict[str, Any]]:
-        """Open a consumer and say what to send first: the entries it missed since
-        `last_id` (nothing without one), or the data of a `reset` event."""
+    ) -> tuple[Consumer, bytes]:
+        """Open a consumer of scope `tenant` (None: all) and say what to send first: the
+        events it missed since `last_id`, or a `reset`, or (without `last_id`) the id to
+        resume from should it lose the connection before its first event."""
         consumer = Consumer(tenant, abort)
-        self.consumers.add(consumer)  # from here on, it misses nothing
-        self.stats.consumers = len(self.consumers)
+        self.scoped.setdefault(tenant, set()).add(consumer)  # from here on, it misses nothing
+        self.stats.consumers = self.consumers
+        newest, scoped = self.newest(tenant), tenant is not None
         if last_id is None:
-            return consumer, []
-        newest = self.next_id - 1
-        seen_all = (
+            return consumer, b"id: %d\n\n" % newest  # sets lastEventId, dispatches nothing
+        watermark = (
             self.evicted_any if tenant is None else self.evicted.get(tenant, self.evicted_floor)
         )
         if last_id < self.first_id - 1 or last_id > newest:
-            why = "the daemon restarted since that id; what happened meanwhile is not kept"
-        elif last_id < seen_all:
+            why = (
+                "that id is not one this stream sent: the daemon restarted since, or it "
+                "came from a stream of another scope"
+            )
+        elif last_id < watermark:
             why = "events after that id have left the ring (ring_size); it fell too far behind"
         else:
-            start = max(0, last_id + 1 - self.ring[0].id) if self.ring else 0
-            missed = [
-                self.ring[i]
-                for i in range(start, len(self.ring))
-                if tenant is None or self.ring[i].tenant == tenant
-            ]
-            return consumer, missed
+            if scoped:
+                missed = [e for e in self.ring if e.record.tenant == tenant and e.own > last_id]
+            else:
+                start = max(0, last_id + 1 - self.ring[0].every) if self.ring else 0
+                missed = [self.ring[i] for i in range(start, len(self.ring))]
+            return consumer, b"".join([entry.frame(scoped) for entry in missed])
         self.stats.resets += 1
-        return consumer, {
-            "reason": why,
-            "last_event_id": last_id,
-            "detail": "re-list with GET /v1/executions (and /v1/findings), then follow on "
-            "from this event",
-        }
+        return consumer, self.reset_frame(tenant, why, last_id)
+
+    def reset_frame(self, tenant: str | None, why: str, last_id: int | None) -> bytes:
+        return frame(
+            "reset",
+            self.newest(tenant),
+            {
+                "reason": why,
+                "last_event_id": last_id,
+                "detail": "re-list with GET /v1/executions (and /v1/findings), then follow "
+                "on from this event",
+            },
+        )
 
     def unsubscribe(self, consumer: Consumer) -> None:
-        self.consumers.discard(consumer)
-        self.stats.consumers = len(self.consumers)
+        group = self.scoped.get(consumer.tenant)
+        if group is not None:
+            group.discard(consumer)
+            if not group:
+                del self.scoped[consumer.tenant]
+        self.stats.consumers = self.consumers
 
     def close(self) -> None:
         """Shutdown: every stream ends cleanly (its client reconnects with Last-Event-ID)."""
         self.closing = True
-        for consumer in self.consumers:
-            consumer.wake.set()
+        for group in self.scoped.values():
+            for consumer in group:
+                consumer.wake.set()
 
 
 def last_event_id(request: web.Request) -> int | None:
@@ -294,20 +375,23 @@ async def serve(
     async def write(data: bytes) -> None:
         consumer.writing = True
         try:
-            await asyncio.wait_for(response.write(data), timeout)
+            async with asyncio.timeout(timeout):
+                await response.write(data)
         except TimeoutError:
             broadcaster._drop(consumer)
         finally:
             consumer.writing = False
 
+    scoped = tenant is not None
     try:
-        head = b"retry: %d\n\n" % RETRY_MS
-        if isinstance(first, dict):
-            head += frame("reset", broadcaster.next_id - 1, first)
-        else:
-            head += b"".join(entry.frame() for entry in first)
-        await write(head)
+        await write(b"retry: %d\n\n%s" % (RETRY_MS, first))
         while not (consumer.dropped or broadcaster.closing):
+            if consumer.reset:
+                consumer.reset = False
+                broadcaster.stats.resets += 1
+                why = "events were lost before they could be sent (the store failed too long)"
+                await write(broadcaster.reset_frame(tenant, why, None))
+                continue
             if not consumer.pending:
                 consumer.wake.clear()
                 try:
@@ -318,7 +402,7 @@ async def serve(
                     continue
                 await asyncio.sleep(0)  # let the requests finishing this turn add theirs
                 continue
-            chunk = b"".join([entry.frame() for entry in consumer.pending])
+            chunk = b"".join([entry.frame(scoped) for entry in consumer.pending])
             consumer.pending.clear()
             await write(chunk)
     except ConnectionError:

@@ -9,14 +9,16 @@ nowhere: existence does not leak.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from monitor.server.app import ROUTES
-from monitor.server.keys import DETECTORS, INGESTOR
+from monitor.server.keys import DETECTORS, INGESTOR, STREAM
 from monitor.testing import FakeClock, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client
@@ -173,10 +175,22 @@ async def seeded(make_client: ClientFactory, clock: FakeClock, **config: Any) ->
 
 async def call(client: Client, request: Call, headers: dict[str, str]) -> tuple[int, str]:
     data = None if request.body is None else orjson.dumps(request.body)
+    if request.path.startswith("/v1/stream"):  # replay everything the ring holds
+        headers = {**headers, "Last-Event-ID": str(client.app[STREAM].first_id - 1)}
     async with client.request(request.method, request.path, data=data, headers=headers) as answer:
         if answer.content_type == "text/event-stream":
-            return answer.status, (await answer.content.readuntil(b"\n\n")).decode()
+            return answer.status, await replayed(answer)
         return answer.status, await answer.text()
+
+
+async def replayed(answer: aiohttp.ClientResponse) -> str:
+    """What a stream sent before it fell quiet: its whole replay."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(await asyncio.wait_for(answer.content.readany(), 0.2))
+        except TimeoutError:
+            return b"".join(chunks).decode()
 
 
 @pytest.mark.parametrize("caller", list(CALLERS))
@@ -192,6 +206,9 @@ async def test_every_endpoint_answers_every_caller(
     assert expected == status, body
     if status == 401:
         assert "bearer token" in body or "Bearer" in body
+    if name == "GET /v1/stream" and status == 200:  # the replay holds the seeded events
+        assert ("secret-agent-b" in body) == (caller == "all")
+        assert ("agent-a" in body) == (caller == "own")
     if caller in ("none", "bad", "own", "other"):
         named = request.path + orjson.dumps(request.body).decode()
         leaked = [s for s in SECRETS if s in body and s not in named]
@@ -323,3 +340,16 @@ async def test_without_tokens_every_caller_reads_every_tenant(
     assert {"team-a", "team-b"} == {ex["tenant"] for ex in listed["executions"]}
     one = await (await client.get("/v1/executions?tenant=team-b")).json()
     assert ["team-b"] == [ex["tenant"] for ex in one["executions"]]
+
+
+async def test_only_an_all_tenants_token_may_name_a_process(make_client: ClientFactory) -> None:
+    """A pid makes the daemon read that process's memory and maybe signal it: a one-tenant
+    token must not point it at another tenant's worker, so its pid is refused 403."""
+    client = await make_client(CONFIG)
+    body = state_event("with-pid", "running", agent="agent-a", pid=1234)
+    answer = await client.post("/v1/events", json=body, headers=TEAM_A)
+    result = await answer.json()
+    assert (403, "forbidden_field") == (answer.status, result["rejected"][0]["reason"])
+    assert "'pid'" in result["rejected"][0]["error"]
+    assert 404 == (await client.get("/v1/executions/with-pid", headers=TEAM_A)).status
+    assert 202 == (await client.post("/v1/events", json=body, headers=ALL)).status

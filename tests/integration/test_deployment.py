@@ -9,12 +9,15 @@ import shlex
 import socket
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import yaml
 
 from monitor.cli import _parser
 from monitor.config import DETECTOR_KEYS, build_settings
+from monitor.errors import ConfigError
 from monitor.server.api import HEALTHZ_STALE_S
 from monitor.server.app import ROUTES
 from monitor.server.keys import HEALTH
@@ -160,12 +163,16 @@ def test_the_kubernetes_sidecar_probes_endpoints_that_exist() -> None:
     mount = next(m for m in sidecar["volumeMounts"] if parsed.config.startswith(m["mountPath"]))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert secret["metadata"]["name"] == volume["secret"]["secretName"]
-    settings = build_settings(tomllib.loads(secret["stringData"]["execwatch.toml"]))
-    check_exposure(settings, insecure=False)
+    config = secret["stringData"]["execwatch.toml"]
+    settings = build_settings(tomllib.loads(config))
     assert secret["metadata"]["name"] == env["EXECWATCH_TOKEN"]["name"]
     app_token = secret["stringData"][env["EXECWATCH_TOKEN"]["key"]]
     assert "agent-worker" == settings.auth.tokens[app_token]
-    assert "*" == settings.auth.tokens[secret["stringData"]["scrape-token"]]
+    public = replace(settings, host="0.0.0.0")
+    with pytest.raises(ConfigError, match="example token"):  # as shipped: a known token
+        check_exposure(public, insecure=False)
+    mine = build_settings(tomllib.loads(config.replace(app_token, "9c1e0f7d2b8a4e65")))
+    check_exposure(replace(mine, host="0.0.0.0"), insecure=False)  # replaced: it serves
     policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
     assert [{"port": port["execwatch"], "protocol": "TCP"}] == policy["spec"]["ingress"][0]["ports"]
 

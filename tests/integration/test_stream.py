@@ -12,11 +12,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from monitor.server.keys import INGESTOR, STREAM
 from monitor.testing import FakeClock, RecordingSink, heartbeat, state_event
 from tests.conftest import ClientFactory
-from tests.integration.test_api import Client, post
+from tests.integration.test_api import Client, FlakyStore, post
 from tests.integration.test_daemon import Daemon
 from tests.integration.test_detectors_api import tick
 
@@ -294,11 +295,13 @@ def test_a_real_daemon_ends_its_streams_cleanly_on_sigterm() -> None:
             assert b"retry: 2000\n" == stream.readline()
             event = {"type": "state", "execution_id": "r", "agent": "a", "state": "queued"}
             assert 202 == daemon.request("POST", "/v1/events", event)[0]
-            frame = b"".join(stream.readline() for _ in range(5))
-            assert b"event: transition\n" in frame
-            assert b'"execution_id":"r"' in frame
+            lines = [stream.readline()]
+            while not lines[-1].startswith(b"data:"):
+                lines.append(stream.readline())
+            assert b"event: transition\n" in lines
+            assert b'"execution_id":"r"' in lines[-1]
             daemon.process.send_signal(15)
-            assert b"" == stream.read()  # a clean end of the body; a reset would raise
+            assert b"\n" == stream.read()  # the event's blank line, then a clean end
         assert 0 == daemon.process.wait(timeout=30)
     finally:
         if daemon.process.poll() is None:
@@ -313,3 +316,87 @@ def test_stream_events_are_json_lines_a_browser_can_read() -> None:
     assert text.startswith("id: 7\nevent: transition\ndata: ")
     assert 1 == text.count("data:")
     assert {"detail": "line one\nline two"} == orjson.loads(text.split("data: ")[1])
+
+
+async def test_a_first_connection_learns_where_to_resume_before_any_event(
+    make_client: ClientFactory,
+) -> None:
+    """The opening carries an id (an `id:` line alone dispatches nothing): a client that
+    loses its first connection before any event still resumes without a gap."""
+    client = await make_client()
+    reader = await open_stream(client)
+    opening = await reader.response.content.readuntil(b"\n\n")  # retry:
+    opening += await reader.response.content.readuntil(b"\n\n")
+    start = int(opening.split(b"id: ")[1].split(b"\n")[0])
+    reader.response.close()
+    await post(client, run("missed", "queued"))
+    again = await open_stream(client, headers={"Last-Event-ID": str(start)})
+    assert "missed" == (await again.next()).data["execution_id"]
+
+
+async def test_a_tenants_ids_say_nothing_of_the_other_tenants(make_client: ClientFactory) -> None:
+    """A one-tenant stream counts in its tenant's own sequence: no gaps where the others'
+    events went, and a reset names its own newest id, not the daemon's."""
+    tokens = {"token-of-team-a": "team-a", "token-of-all": "*"}
+    client = await make_client({"auth": {"tokens": tokens}})
+    team_a = {"Authorization": "Bearer token-of-team-a"}
+    every = {"Authorization": "Bearer token-of-all"}
+    own = await open_stream(client, headers=team_a)
+    for i in range(4):
+        await post(
+            client, state_event(f"b{i}", "queued", agent="x", tenant="team-b"), headers=every
+        )
+        await post(client, state_event(f"a{i}", "queued", agent="x"), headers=team_a)
+    ids = [e.id for e in await own.take(4)]
+    assert ids[0] is not None
+    assert [ids[0] + i for i in range(4)] == ids
+    probe = await open_stream(client, headers={**team_a, "Last-Event-ID": "0"})
+    assert ids[-1] == (await probe.next()).id  # the reset: team-a's newest, not the count
+
+
+async def test_side_records_come_where_they_happened(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """In one batch: progress clears x's stall, x fails (its breaker opens), y registers.
+    The stream shows that order, not the transitions first and the side records after."""
+    client = await make_client(
+        {"defaults": {"stall_timeout_s": 5}, "breaker": {"minimum_calls": 1}}
+    )
+    await post(client, state_event("x", "running", agent="a", progress=1))
+    clock.advance(3)
+    await post(client, heartbeat("x", progress=1))
+    await tick(client, clock, 2.5)  # x is stalled
+    reader = await open_stream(client)
+    await post(client, [heartbeat("x", progress=2), state_event("x", "failed"),
+                        state_event("y", "queued", agent="a")])  # fmt: skip
+    got = [(e.event, e.data.get("execution_id"), e.data.get("to") or e.data.get("raised"))
+           for e in await reader.take(4)]  # fmt: skip
+    assert [("finding", "x", False), ("transition", "x", "failed"),
+            ("breaker", None, "open"), ("transition", "y", "pending")] == got  # fmt: skip
+
+
+async def test_the_stream_shows_only_what_was_committed(make_client: ClientFactory) -> None:
+    """A failed commit (503, not acknowledged) publishes nothing; the next commit that
+    succeeds publishes what it owed first, in order."""
+    store = FlakyStore(failures=1)
+    client = await make_client(store=store)
+    reader = await open_stream(client)
+    await reader.response.content.readuntil(b"\n\n")
+    await post(client, run("lost-for-now", "queued"), status=503)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.next(), 0.2)
+    await post(client, run("next", "queued"))
+    assert ["lost-for-now", "next"] == [e.data["execution_id"] for e in await reader.take(2)]
+
+
+async def test_a_store_down_too_long_ends_in_a_reset(make_client: ClientFactory) -> None:
+    """More records owed than the ring holds: the oldest are lost to the stream, so every
+    open stream is told to re-list rather than left with a silent gap."""
+    store = FlakyStore(failures=1)
+    client = await make_client({"stream": {"ring_size": 3}}, store=store)
+    reader = await open_stream(client)
+    await post(client, [state_event(f"r{i}", "queued", agent="a") for i in range(5)], status=503)
+    await post(client, run("after", "queued"))
+    first = await reader.next()
+    assert ("reset", None) == (first.event, first.data["last_event_id"])
+    assert "store" in first.data["reason"]

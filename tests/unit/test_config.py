@@ -160,6 +160,48 @@ def test_short_tokens_are_refused() -> None:
         build_settings({"auth": {"tokens": {"abc": "team-a"}}})
 
 
+@pytest.mark.parametrize(
+    ("auth", "problem"),
+    [
+        ({"tokens": {"long-enough-token": "team a"}}, "must map to a tenant name"),
+        ({"tokens": {"long-enough-token": ""}}, "must map to a tenant name"),
+        ({"tokens": {" long-enough-token": "team-a"}}, "holds a space"),
+        ({"tokens": {"long-enough-tökén": "team-a"}}, "outside visible ASCII"),
+        ({"metrics_public": "yes"}, "[auth].metrics_public = 'yes': expected true or false"),
+        ({"token": {}}, "[auth]: unknown key 'token'; allowed: tokens, metrics_public"),
+    ],
+)
+def test_tokens_that_could_never_match_are_refused(auth: dict[str, object], problem: str) -> None:
+    """A tenant no event could name, a token no header could carry: errors, not surprises."""
+    with pytest.raises(ConfigError) as caught:
+        build_settings({"auth": auth})
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize("tenants", [["__other__"], ["team a"], ["*"], "team-a", [""]])
+def test_the_metrics_tenant_allowlist_holds_tenant_names(tenants: object) -> None:
+    with pytest.raises(ConfigError, match=r"\[metrics\]\.tenants"):
+        build_settings({"metrics": {"tenants": tenants}})
+
+
+def test_stream_settings_are_checked_and_keepalive_cannot_spin() -> None:
+    settings = build_settings({"stream": {"ring_size": 50, "keepalive_s": 5, "max_consumers": 3}})
+    assert (50, 5.0, 3) == (
+        settings.stream.ring_size,
+        settings.stream.keepalive_s,
+        settings.stream.max_consumers,
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_settings({"stream": {"keepalive_s": 1e-9, "queue_size": 0, "ring": 1}})
+    assert 3 == len(caught.value.problems)
+
+
+def test_a_token_from_the_environment_keeps_its_case() -> None:
+    """A token is a secret compared exactly: EXECWATCH_AUTH__TOKENS__X keeps X as given."""
+    settings = load_settings(None, {"EXECWATCH_AUTH__TOKENS__AbCdEf123456": "team-a"})
+    assert {"AbCdEf123456": "team-a"} == dict(settings.auth.tokens)
+
+
 def test_alias_values_of_the_wrong_type_and_builtin_redefinitions_are_named() -> None:
     """A list as a target and a redefined built-in alias are problems, not crashes."""
     with pytest.raises(ConfigError) as caught:
