@@ -2,6 +2,8 @@
 
     ExecwatchError
     ├── ConfigError              a config file, variable or flag is wrong (names every problem)
+    ├── BreakerOpen              SDK: the agent's breaker refuses new executions (retry_after_s)
+    ├── ExecutionCancelled       SDK: the daemon asked this execution to stop
     └── Rejection                an event the daemon will not apply; carries status and reason
         ├── BodyError            400: the body is not JSON or NDJSON at all
         ├── EventError           422: a field is missing, of the wrong type or out of range
@@ -33,6 +35,29 @@ class ConfigError(ExecwatchError):
     def __init__(self, problems: Iterable[str]) -> None:
         self.problems = tuple(problems)
         super().__init__("; ".join(self.problems))
+
+
+class BreakerOpen(ExecwatchError):
+    """The SDK was asked to start a run of `agent` while its breaker refuses new ones."""
+
+    def __init__(self, agent: str, state: str, retry_after_s: float) -> None:
+        self.agent = agent
+        self.state = state
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"agent {agent!r}: its circuit breaker is {state} and refuses new executions; "
+            f"retry in {retry_after_s:.1f}s"
+        )
+
+
+class ExecutionCancelled(ExecwatchError):
+    """The daemon asked this execution to stop (timed out, declared dead, cancelled, or
+    registered while its breaker was open): raised at the run's next check."""
+
+    def __init__(self, execution_id: str, reason: str) -> None:
+        self.execution_id = execution_id
+        self.reason = reason
+        super().__init__(f"execution {execution_id!r} was asked to stop: {reason}")
 
 
 class Rejection(ExecwatchError):
