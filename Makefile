@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint tools bench clean
+.PHONY: run serve test lint tools bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The main job: a daemon on a temporary SQLite file and a simulated fleet (about 60 s).
 run: $(STAMP)
+	$(VENV)/bin/execwatch demo
+
+serve: $(STAMP)
 	$(VENV)/bin/execwatch serve
 
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `execwatch` command: serve | status | check-config."""
+"""The `execwatch` command: serve | demo | status | check-config."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a non-loopback address without [auth.tokens]",
     )
 
+    demo = commands.add_parser(
+        "demo", help="run a daemon and a simulated fleet, and show what execwatch detects"
+    )
+    demo.add_argument(
+        "--duration", type=float, default=60.0, help="seconds the fleet runs (default 60)"
+    )
+    demo.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:9478 if free, else any)")
+    demo.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the live terminal view (default: when stdout is a terminal)",
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary SQLite file and log")
+
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", help="the TOML file to check")
 
@@ -57,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, environ)
+        if args.command == "demo":
+            from monitor.demo import main as demo  # rich loads only for the demo
+
+            return demo(args)
         if args.command == "check-config":
             return _check_config(args.file, environ)
         return _status(args, environ)

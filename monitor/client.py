@@ -56,6 +56,9 @@ HEARTBEAT_FRACTION = 1 / 3
 """Heartbeats go out at this fraction of the heartbeat timeout: two may be lost."""
 MIN_HEARTBEAT_INTERVAL_S = 0.1
 MAX_BATCH = 500
+LATE_REASONS = frozenset({"final_state", "evicted"})
+"""Rejections of reports that arrive after the daemon ended the execution itself."""
+MAX_STOPPED = 10_000
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 30.0
 LIMIT_FIELDS = frozenset(
@@ -284,13 +287,13 @@ class _Sender:
             stats.rejected += len(batch)
             return
         stats.sent += answer.get("accepted", 0) + answer.get("duplicates", 0)
+        for directive in answer.get("directives", ()):  # first: they explain rejections
+            if directive.get("action") == "cancel":
+                self.client._directive(str(directive["execution_id"]), str(directive["reason"]))
         for rejection in answer.get("rejected", ()):
             stats.rejected += 1
             self._rejected(batch, rejection)
         stats.rejected += answer.get("rejected_omitted", 0)
-        for directive in answer.get("directives", ()):
-            if directive.get("action") == "cancel":
-                self.client._directive(str(directive["execution_id"]), str(directive["reason"]))
         for event in batch:  # registered: now learn the agent's effective heartbeat timeout
             if event["type"] == "state" and "agent" in event:
                 with self.cond:
@@ -301,10 +304,9 @@ class _Sender:
     def _rejected(self, batch: list[dict[str, Any]], rejection: dict[str, Any]) -> None:
         index = rejection.get("index")
         event = batch[index] if isinstance(index, int) and 0 <= index < len(batch) else {}
-        run = self.client._runs.get(event.get("execution_id", ""))
         reason = str(rejection.get("reason"))
-        if run is not None and run.cancel_reason is not None:
-            return  # it was stopped by the daemon: its late reports are expected to bounce
+        if event.get("execution_id") in self.client._stopped and reason in LATE_REASONS:
+            return  # the daemon ended it (timeout, death): its late reports bounce, as expected
         self._warn_once(
             reason, "execwatch rejected an event (%s): %s", reason, rejection.get("error")
         )
@@ -398,6 +400,8 @@ class Client:
         self.stats = ClientStats()
         self._runs: dict[str, Run] = {}
         self._runs_lock = threading.Lock()
+        self._stopped: dict[str, str] = {}
+        """Executions the daemon asked to stop (bounded): their late reports bounce."""
         self._sender = _Sender(self, max_buffer)
         self._closed = False
 
@@ -479,6 +483,9 @@ class Client:
             log.exception("execwatch client: could not queue an event; continuing")
 
     def _directive(self, execution_id: str, reason: str) -> None:
+        self._stopped[execution_id] = reason
+        if len(self._stopped) > MAX_STOPPED:
+            del self._stopped[next(iter(self._stopped))]
         run = self._runs.get(execution_id)
         if run is not None:
             run._cancel(reason)

@@ -1,0 +1,43 @@
+"""`execwatch demo`: the README's first command shows every detector work."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from rich.console import Console
+
+from monitor.demo import EXPECTED, Detection, Seen, live_view
+from tests.integration.test_daemon import EXECWATCH
+
+
+def test_the_demo_detects_every_kind_of_trouble_and_exits_0() -> None:
+    """A short run, as CI can afford it: every expected detection, then the summary."""
+    result = subprocess.run(
+        [*EXECWATCH, "demo", "--duration", "20", "--no-live", "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stdout + result.stderr
+    out = result.stdout
+    for kind in EXPECTED:
+        assert f"✓ {kind}" in out, out
+    assert "✗" not in out
+    assert "/metrics" in out
+    assert "dashboards" in out
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "process" in out  # the leaking worker, terminated by the daemon
+    assert out.count("detected ") >= len(EXPECTED)  # one line as each one happened
+
+
+def test_the_live_view_renders_detections_and_the_checklist() -> None:
+    seen = Seen()
+    seen.add(Detection("death", "sleeper", "sleeper-1", "running -> dead", time.time()))
+    console = Console(record=True, width=140, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(live_view("http://127.0.0.1:9", seen, 60))  # no daemon: no agents table rows
+    text = console.export_text()
+    assert "sleeper-1" in text
+    assert "✓ death" in text
+    assert "· stalled" in text
