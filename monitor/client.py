@@ -26,6 +26,7 @@ monitor did. The SDK needs only the standard library.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import functools
@@ -39,6 +40,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +74,26 @@ LIMIT_FIELDS = frozenset(
     }
 )
 """What `track(**limits)` passes on; anything else is a mistake named at once."""
+
+EXIT_FLUSH_S = 2.0
+"""At interpreter exit, each client sends what it holds for this long at most."""
+_LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _flush_at_exit() -> None:
+    for client in list(_LIVE_CLIENTS):
+        with contextlib.suppress(Exception):
+            client.close(EXIT_FLUSH_S)
+
+
+def _restart_after_fork() -> None:
+    for client in list(_LIVE_CLIENTS):
+        with contextlib.suppress(Exception):
+            client._after_fork()
+
+
+atexit.register(_flush_at_exit)
+os.register_at_fork(after_in_child=_restart_after_fork)
 
 _CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar("execwatch_run", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -173,9 +195,13 @@ class _Sender:
 
     # ---- the application's side (never raises, never blocks for long) --------------------
 
-    def put(self, event: dict[str, Any]) -> None:
+    def put(self, event: dict[str, Any], run: Run | None = None) -> None:
+        """Queue `event`; a run's events get their seq here, under the lock that orders
+        the queue, so a heartbeat built on the sender thread can never overtake them."""
         stats = self.client.stats
         with self.cond:
+            if run is not None:
+                run.number(event)
             if len(self.queue) >= self.max_buffer:
                 self._drop_one()
                 stats.dropped += 1
@@ -402,8 +428,10 @@ class Client:
         self._runs_lock = threading.Lock()
         self._stopped: dict[str, str] = {}
         """Executions the daemon asked to stop (bounded): their late reports bounce."""
+        self.max_buffer = max_buffer
         self._sender = _Sender(self, max_buffer)
         self._closed = False
+        _LIVE_CLIENTS.add(self)
 
     # ---- tracking ------------------------------------------------------------------------
 
@@ -463,7 +491,15 @@ class Client:
         """Send what is buffered (for `timeout_s` at most) and stop the sender."""
         if not self._closed:
             self._closed = True
+            _LIVE_CLIENTS.discard(self)
             self._sender.stop(timeout_s)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the sender thread did not survive the fork, and what the
+        parent had queued is the parent's to send. Start over with a sender of our own."""
+        self._runs = {}
+        self._runs_lock = threading.Lock()
+        self._sender = _Sender(self, self.max_buffer)
 
     def __enter__(self) -> Client:
         return self
@@ -473,12 +509,12 @@ class Client:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _put(self, event: dict[str, Any]) -> None:
+    def _put(self, event: dict[str, Any], run: Run | None = None) -> None:
         try:
             if self.tenant is not None:
                 event.setdefault("tenant", self.tenant)
             event.setdefault("ts", time.time())
-            self._sender.put(event)
+            self._sender.put(event, run)
         except Exception:
             log.exception("execwatch client: could not queue an event; continuing")
 
@@ -684,24 +720,26 @@ class Run:
                 self._token = None
 
     def _send(self, event: dict[str, Any]) -> None:
-        self.seq += 1
         event["execution_id"] = self.execution_id
+        self.client._put(event, self)
+
+    def number(self, event: dict[str, Any]) -> None:
+        """Give `event` this run's next seq (called under the sender's lock, in queue order)."""
+        self.seq += 1
         event["seq"] = self.seq
         if event["type"] == "state":
             event["event_id"] = f"{self.execution_id}:{self.seq}"  # retries are duplicates
-        self.client._put(event)
 
     def heartbeat_event(self) -> dict[str, Any]:
-        """The background heartbeat (built by the sender thread)."""
-        self.seq += 1
+        """The background heartbeat (built by the sender thread, under its lock)."""
         event: dict[str, Any] = {
             "type": "heartbeat",
             "execution_id": self.execution_id,
-            "seq": self.seq,
             "ts": time.time(),
         }
         if self.tenant is not None:
             event["tenant"] = self.tenant
+        self.number(event)
         return event
 
     def set_heartbeat_timeout(self, timeout_s: float) -> None:

@@ -255,3 +255,49 @@ def test_the_sdk_imports_without_the_servers_dependencies() -> None:
         "Client('http://127.0.0.1:9').close(0)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_heartbeats_never_overtake_a_runs_own_events(daemon: Daemon, client: Client) -> None:
+    """Seq numbers are given in queue order, under one lock: the background heartbeats
+    (every 0.1 s here) and thousands of progress reports never produce a stale seq."""
+    with client.track("busy", heartbeat_timeout_s=0.3) as run:
+        for i in range(5000):
+            run.progress(i)
+            if i % 500 == 0:
+                time.sleep(0.15)  # let background heartbeats interleave
+    assert client.flush()
+    assert 0 == client.stats.rejected
+    assert ("completed", 4999) == (
+        (ex := execution(daemon, run.execution_id))["state"],
+        ex["progress"],
+    )
+
+
+def test_what_is_reported_before_exit_is_sent_at_exit(daemon: Daemon) -> None:
+    """An application that ends without flushing still delivers its last events."""
+    code = (
+        "from monitor.client import Client\n"
+        f"client = Client({daemon.url!r})\n"
+        "with client.track('short-lived', execution_id='exits-at-once'):\n"
+        "    pass\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert "completed" == execution(daemon, "exits-at-once")["state"]
+
+
+def test_a_forked_child_reports_through_a_sender_of_its_own(daemon: Daemon) -> None:
+    """A Client made before os.fork keeps working in the child (a worker pool)."""
+    code = (
+        "import os\n"
+        "from monitor.client import Client\n"
+        f"client = Client({daemon.url!r})\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    with client.track('forked', execution_id='from-the-child'):\n"
+        "        pass\n"
+        "    client.flush(10)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert "completed" == execution(daemon, "from-the-child")["state"]
