@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +72,7 @@ EXPECTED = {
     "stalled": "looper kept beating without progress (stall_timeout_s = 4)",
     "memory_exceeded": f"leaker went over {LEAK_LIMIT_BYTES // MIB} MiB",
     "terminated": "the daemon terminated the leaking process (SIGTERM)",
+    "task_cancelled": "hanger's asyncio task was cancelled by the daemon's directive",
     "circuit_open": "flaky failed until its breaker opened",
 }
 """What the demo must show, by detection."""
@@ -304,7 +306,8 @@ class Fleet:
         child = _child("leaker", self.url)
         self.children.append(child)
         code = child.wait()
-        if code in (-signal.SIGTERM, -signal.SIGKILL):
+        # SIGKILL only counts before the demo's own clean-up, which kills what is left.
+        if code == -signal.SIGTERM or (code == -signal.SIGKILL and not self.stop.is_set()):
             signame = signal.Signals(-code).name
             self.seen.add(Detection("terminated", "leaker", None,
                                     f"process {child.pid} ended by {signame} from execwatch",
@@ -318,10 +321,16 @@ class Fleet:
         """An asyncio agent that awaits forever: the daemon's cancel directive ends it."""
 
         async def hang() -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                async with self.client.track("hanger") as run:
+            run = self.client.track("hanger")
+            try:
+                async with run:
                     run.phase("waiting_on_tool")
                     await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if run.cancel_reason is not None:
+                    self.seen.add(Detection("task_cancelled", "hanger", run.execution_id,
+                                            f"asyncio task cancelled: {run.cancel_reason}",
+                                            time.time()))  # fmt: skip
 
         asyncio.run(hang())
 
@@ -411,11 +420,12 @@ def live_view(url: str, seen: Seen, duration_s: float) -> Any:
 
 def summary(url: str, seen: Seen, workdir: Path, keep: bool) -> tuple[str, bool]:
     found = seen.kinds()
-    database = workdir / "execwatch.db"
+    command = shutil.which("execwatch") or str(Path(sys.executable).parent / "execwatch")
     serve_again = (
-        f"execwatch serve --database {database} serves what it recorded"
+        f"{command} serve --database {workdir / 'execwatch.db'} "
+        f"--config {workdir / 'execwatch.toml'}"
         if keep
-        else "with --keep, execwatch serve --database FILE serves what it recorded"
+        else "(run the demo with --keep to keep its SQLite file and serve it)"
     )
     lines = ["", "execwatch demo: what was detected", ""]
     for kind, what in EXPECTED.items():
@@ -431,14 +441,17 @@ def summary(url: str, seen: Seen, workdir: Path, keep: bool) -> tuple[str, bool]
         "",
         f"  {seen.runs} runs reported; {seen.refused} refused up front by the open breaker",
         "",
-        f"Where to look (the daemon stopped with the demo; {serve_again}):",
+        "The daemon stopped with the demo. To serve what it recorded:",
+        f"  {serve_again}",
+        "Where it was, and where a daemon you serve will be:",
         f"  API          {url}/v1/executions  /v1/agents  /v1/findings  /openapi.json",
         f"  live stream  curl -N {url}/v1/stream",
         f"  metrics      {url}/metrics",
     ]
     repo = Path(__file__).resolve().parents[1] / "dashboards"
     if repo.is_dir():
-        lines.append(f"  dashboards   {repo / 'grafana'} (provisioning in {repo / 'provisioning'})")
+        grafana = repo / "grafana"
+        lines.append(f"  dashboards   {grafana} (provisioning in {grafana / 'provisioning'})")
         lines.append(f"  alert rules  {repo / 'prometheus'}")
     if keep:
         lines.append(f"  daemon log   {workdir / 'execwatch.log'}")

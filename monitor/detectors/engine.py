@@ -97,20 +97,41 @@ class Detectors:
     # ---- ingest path ---------------------------------------------------------------------
 
     def apply(self, event: Event, now: float) -> Transition | None:
-        """registry.apply(), then the detectors' bookkeeping for what it changed."""
-        transition = self.registry.apply(event, now)
+        """registry.apply(), then the detectors' bookkeeping for what it changed.
+
+        Side records made while applying (a finding cleared as its execution ends) wait in
+        the registry's outbox; those made after, as consequences (a breaker moving, a
+        memory finding), in this one: `place` puts each on its side of the transition."""
+        registry = self.registry
+        transition = registry.apply(event, now)
+        mark = len(registry.outbox)
         if transition is not None:
-            ex = self.registry.by_key(transition.key)
+            ex = registry.by_key(transition.key)
             if ex is not None:
                 self._observe(ex, transition, now)
         if event.rss_bytes is not None or event.detail:
-            ex = self.registry.get(event.tenant, event.execution_id)
+            ex = registry.get(event.tenant, event.execution_id)
             if ex is not None:
                 if event.detail:
                     self._schedule(ex)  # limits may have moved a deadline earlier
                 if ex.rss_bytes is not None:
                     self._memory(ex, now)
+        if len(registry.outbox) > mark:  # raised after the transition: it goes after it
+            self.outbox.extend(registry.outbox[mark:])
+            del registry.outbox[mark:]
         return transition
+
+    def place(self, records: list[Record], start: int) -> None:
+        """Put the side records of one event or one deadline where they happened: those
+        made while applying it before its transitions (records[start:]), its consequences
+        after them. The stream shows them in that order."""
+        during, after = self.registry.outbox, self.outbox
+        if during:
+            records[start:start] = during
+            during.clear()
+        if after:
+            records.extend(after)
+            after.clear()
 
     def observe(self, transition: Transition, now: float) -> None:
         """Breaker admission and outcomes, and the clocks, after a transition."""
@@ -179,11 +200,14 @@ class Detectors:
                 continue  # evicted, or superseded by an earlier entry
             del ex.clocks[clock]
             self._queued -= 1
+            start = len(result.records)
             try:
                 self._fire(ex, clock, now, result)
             except Exception as exc:  # one broken detector must not stop the others
                 self.failures[clock] += 1
                 result.failures.append((clock, exc))
+            if self.registry.outbox or self.outbox:
+                self.place(result.records, start)
         breaker_heap = self._breaker_heap
         while breaker_heap and breaker_heap[0][0] <= now:
             _, _, bkey = heapq.heappop(breaker_heap)

@@ -58,6 +58,7 @@ class _Taken:
     """What one commit took: the changes to write, and what to give back if it fails."""
 
     records: Sequence[Record]
+    seq: int = 0
     changes: Changes | None = None
     dirty: dict[Key, Execution] = field(default_factory=dict)
     breakers: dict[tuple[str, str], Breaker] = field(default_factory=dict)
@@ -104,6 +105,9 @@ class Ingestor:
         """Records of failed commits, published with the next commit that succeeds (at
         most the stream's ring_size: beyond, the stream is told of a gap)."""
         self.lost_unpublished = False
+        self._takes = 0
+        self._owed_from = 0
+        """Takes numbered from here on carry the changes a failed commit gave back."""
 
     def set_sinks(self, sinks: Sequence[Sink]) -> None:
         """Feed records to `sinks`, in order; their failure counts start at 0."""
@@ -138,7 +142,7 @@ class Ingestor:
         apply, stopping = self.detectors.apply, registry.stopping
         # Side records (a finding cleared, a breaker moved) go out right where they
         # happened, between the transitions of the events that caused them.
-        during, after = registry.outbox, self.detectors.outbox
+        during, after, place = registry.outbox, self.detectors.outbox, self.detectors.place
         accepted = heartbeats = invalid = duplicates = 0
         rejected: list[dict[str, Any]] = []
         named: dict[Key, None] = {}
@@ -161,16 +165,12 @@ class Ingestor:
                         if parsed.pid is not None:
                             raise ForbiddenField("pid", PID_NEEDS_ALL_TENANTS)
                     event = parsed
+                    start = len(records)
                     transition = apply(event, now)
-                    if during or after:
-                        records += during
-                        during.clear()
-                        if transition is not None:
-                            records.append(transition)
-                        records += after
-                        after.clear()
-                    elif transition is not None:
+                    if transition is not None:
                         records.append(transition)
+                    if during or after:
+                        place(records, start)
                     accepted += 1
                 except DuplicateEvent:
                     duplicates += 1
@@ -224,6 +224,14 @@ class Ingestor:
         status = rejected[0]["status"] if decoded.single and rejected else 202
         return IngestResult(status, answer)
 
+    async def sweep(self, step: Callable[[], Sequence[Record]]) -> None:
+        """Run `step` (a detector sweep) under the write lock and commit what it made: a
+        sweep never lands in the middle of a request that is between two of its slices,
+        so the stream shows its records in the order they happened."""
+        async with self.write_lock:
+            taken = self._take(step(), False)
+        await self._write(taken)
+
     async def commit(self, records: Sequence[Record] = (), *, checkpoint: bool = False) -> None:
         """Make every owed change durable, then hand `records` and the registry's side
         records to every sink. Nothing is acknowledged before this returns.
@@ -238,6 +246,8 @@ class Ingestor:
         """Take every owed change out of the registry, detectors and traces. Callers hold
         `write_lock`, so no request is ever taken half applied."""
         registry, detectors = self.registry, self.detectors
+        seq = self._takes
+        self._takes += 1
         side = detectors.drain()
         if side:
             records = [*records, *side]
@@ -251,14 +261,14 @@ class Ingestor:
             or detectors.forgotten_breakers
             or touched
         ):
-            return _Taken(records)
+            return _Taken(records, seq)
         dirty, evicted = registry.take_changes()
         breakers, forgotten = detectors.take_breaker_changes()
         changes = Changes(
             records, list(dirty.values()), evicted, list(breakers.values()), forgotten, spans,
             touched,
         )  # fmt: skip
-        return _Taken(records, changes, dirty, breakers)
+        return _Taken(records, seq, changes, dirty, breakers)
 
     async def _write(self, taken: _Taken) -> None:
         changes, committed = taken.changes, False
@@ -278,13 +288,16 @@ class Ingestor:
                 self.fan_out(taken.records)
             # The stream promises what is committed: a failed commit's records wait.
             if self.publish is not None and (taken.records or self.unpublished):
-                if committed:
+                carries_owed = taken.changes is not None and taken.seq >= self._owed_from
+                if committed and (not self.unpublished or carries_owed):
                     owed, self.unpublished = self.unpublished, []
                     if self.lost_unpublished:
                         self.lost_unpublished = False
                         self.publish.gap()
                     self._publish([*owed, *taken.records] if owed else taken.records)
                 else:
+                    if not committed:
+                        self._owed_from = self._takes  # the next take carries what was given back
                     self.unpublished += taken.records
                     excess = len(self.unpublished) - self.publish.settings.ring_size
                     if excess > 0:

@@ -8,13 +8,13 @@ import gc
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import psutil
 import structlog
 from aiohttp import web
 
-from monitor.detectors.engine import Detectors, Terminate
+from monitor.detectors.engine import Detectors, Record, Terminate
 from monitor.server.ingest import Ingestor
 from monitor.server.keys import (
     CLOCK,
@@ -201,22 +201,28 @@ async def _tick(
     now: float,
     clock: Callable[[], float],
 ) -> None:
-    while True:
+    """Sweep in slices of TICK_BUDGET, each under the write lock and committed at once."""
+    more = [True]
+
+    def step() -> Sequence[Record]:
+        at = max(now, clock())  # the lock may have been waited for: now is later
+        result = detectors.tick(at, TICK_BUDGET)
+        for name, exc in result.failures:
+            log.error("detector_failed", detector=name, exc_info=exc)
+        for action in result.actions:  # whether or not the store then keeps up
+            terminator.start(action)
+        detectors.registry.evict(at)
+        more[0] = result.more
+        return result.records
+
+    while more[0]:
         try:
-            result = detectors.tick(now, TICK_BUDGET)
-            for name, exc in result.failures:
-                log.error("detector_failed", detector=name, exc_info=exc)
-            for action in result.actions:
-                terminator.start(action)
-            detectors.registry.evict(now)
-            await ingestor.commit(result.records)
+            await ingestor.sweep(step)
         except Exception:
             log.exception("tick_failed")  # the loop never dies
             return
-        if not result.more:
-            return
-        await asyncio.sleep(0)
-        now = clock()
+        if more[0]:
+            await asyncio.sleep(0)
 
 
 async def run_sampler(app: web.Application) -> None:

@@ -126,7 +126,7 @@ class Entry:
 class Consumer:
     """One open stream: what waits to be written to it, and whether it was dropped."""
 
-    __slots__ = ("abort", "dropped", "pending", "reset", "tenant", "wake", "writing")
+    __slots__ = ("abort", "dropped", "pending", "reset", "reset_id", "tenant", "wake", "writing")
 
     def __init__(self, tenant: str | None, abort: Callable[[], None]) -> None:
         self.tenant = tenant
@@ -137,6 +137,7 @@ class Consumer:
         self.writing = False
         """True while a write to its socket has not returned: it is not keeping up."""
         self.dropped = False
+        self.reset_id = 0
         self.reset = False
         """Events were lost before publication: it must be told to re-list."""
 
@@ -238,6 +239,7 @@ class Broadcaster:
             for consumer in group:
                 consumer.pending.clear()
                 consumer.reset = True
+                consumer.reset_id = self.newest(consumer.tenant)
                 consumer.wake.set()
 
     def _drop(self, consumer: Consumer) -> None:
@@ -301,10 +303,12 @@ class Broadcaster:
         self.stats.resets += 1
         return consumer, self.reset_frame(tenant, why, last_id)
 
-    def reset_frame(self, tenant: str | None, why: str, last_id: int | None) -> bytes:
+    def reset_frame(
+        self, tenant: str | None, why: str, last_id: int | None, event_id: int | None = None
+    ) -> bytes:
         return frame(
             "reset",
-            self.newest(tenant),
+            self.newest(tenant) if event_id is None else event_id,
             {
                 "reason": why,
                 "last_event_id": last_id,
@@ -390,7 +394,7 @@ async def serve(
                 consumer.reset = False
                 broadcaster.stats.resets += 1
                 why = "events were lost before they could be sent (the store failed too long)"
-                await write(broadcaster.reset_frame(tenant, why, None))
+                await write(broadcaster.reset_frame(tenant, why, None, consumer.reset_id))
                 continue
             if not consumer.pending:
                 consumer.wake.clear()

@@ -14,7 +14,10 @@ import aiohttp
 import orjson
 import pytest
 
-from monitor.server.keys import INGESTOR, STREAM
+from monitor.server.keys import DETECTORS, INGESTOR, REGISTRY, STREAM
+from monitor.server.scheduler import ProcessWatch, _tick
+from monitor.store import Changes
+from monitor.store.memory import MemoryStore
 from monitor.testing import FakeClock, RecordingSink, heartbeat, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client, FlakyStore, post
@@ -400,3 +403,125 @@ async def test_a_store_down_too_long_ends_in_a_reset(make_client: ClientFactory)
     first = await reader.next()
     assert ("reset", None) == (first.event, first.data["last_event_id"])
     assert "store" in first.data["reason"]
+
+
+async def test_a_reset_after_a_gap_comes_before_what_follows_it(make_client: ClientFactory) -> None:
+    """Three failed commits owe more than the ring holds: the reset that tells of the gap
+    has an id no later than the events published right after it."""
+    store = FlakyStore(failures=0)
+    client = await make_client({"stream": {"ring_size": 4}}, store=store)
+    reader = await open_stream(client)
+    await post(client, run("warm", "queued"))
+    await reader.next()
+    store.failures = 3
+    for i in range(3):
+        await post(client, [state_event(f"f{i}a", "queued", agent="a"),
+                            state_event(f"f{i}b", "queued", agent="a")], status=503)  # fmt: skip
+    await post(client, run("ok", "queued"))
+    got = await reader.take(6)
+    assert "reset" == got[0].event
+    ids = [e.id for e in got]
+    assert sorted(ids, key=lambda i: i or 0) == ids
+    assert len(set(ids)) == len(ids)
+
+
+class HeldStore(MemoryStore):
+    """Each commit waits for the test to let it through, or to fail it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[asyncio.Future[None]] = []
+        self.holding = True
+
+    async def commit(self, changes: Changes) -> None:
+        if self.holding:
+            gate = asyncio.get_running_loop().create_future()
+            self.held.append(gate)
+            await gate
+        await super().commit(changes)
+
+
+async def test_owed_records_wait_for_a_commit_that_carries_them(
+    make_client: ClientFactory,
+) -> None:
+    """A fails while B, taken before A gave its changes back, succeeds: A is not in the
+    store yet, so the stream must not show it; the next commit carries and publishes it."""
+    store = HeldStore()
+    client = await make_client(store=store)
+    reader = await open_stream(client)
+    await reader.response.content.readuntil(b"\n\n")
+
+    async def until(count: int) -> None:
+        while len(store.held) < count:
+            await asyncio.sleep(0.01)
+
+    first = asyncio.create_task(client.post("/v1/events", json=run("A", "queued")))
+    await until(1)
+    second = asyncio.create_task(client.post("/v1/events", json=run("B", "queued")))
+    await until(2)
+    store.held[0].set_exception(OSError("disk full"))
+    assert 503 == (await first).status
+    store.held[1].set_result(None)
+    assert 202 == (await second).status
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.next(), 0.3)
+    store.holding = False
+    await post(client, run("C", "queued"))
+    assert ["A", "B", "C"] == [e.data["execution_id"] for e in await reader.take(3)]
+
+
+async def test_a_sweep_waits_for_a_request_between_its_slices(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """A request holds the write lock while it yields between slices of its batch: a
+    detector sweep that wakes then waits, so its records follow the request's."""
+    client = await make_client({"defaults": {"heartbeat_timeout_s": 5}})
+    await post(client, run("x", "running"))
+    clock.advance(6)  # x's heartbeat deadline has passed
+    ingestor, detectors = client.app[INGESTOR], client.app[DETECTORS]
+    async with ingestor.write_lock:  # as a request does between two of its slices
+        sweep = asyncio.create_task(_tick(detectors, ingestor, ProcessWatch(), clock(), clock))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not sweep.done()
+        assert "running" == client.app[REGISTRY].get("default", "x").state  # type: ignore[union-attr]
+    await sweep
+    assert "dead" == client.app[REGISTRY].get("default", "x").state  # type: ignore[union-attr]
+
+
+async def test_a_sweep_places_each_deadlines_side_records_with_it(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """Two deaths in one sweep: each one's finding cleared, its transition and its
+    breaker opening, in that order, before the next death."""
+    client = await make_client({"defaults": {"heartbeat_timeout_s": 5, "stall_timeout_s": 2},
+                                "breaker": {"minimum_calls": 1}})  # fmt: skip
+    reader = await open_stream(client)
+    await post(client, [state_event("x1", "running", agent="a", progress=1),
+                        state_event("x2", "running", agent="b", progress=1)])  # fmt: skip
+    clock.advance(1)
+    await post(client, [heartbeat("x1", progress=1), heartbeat("x2", progress=1)])
+    await tick(client, clock, 1.5)  # both stalled
+    await tick(client, clock, 4)  # both dead
+    got = [(e.event, e.data.get("execution_id") or e.data.get("agent"),
+            e.data.get("to") or e.data.get("raised")) for e in await reader.take(10)]  # fmt: skip
+    assert [
+        ("transition", "x1", "running"), ("transition", "x2", "running"),
+        ("finding", "x1", True), ("finding", "x2", True),
+        ("finding", "x1", False), ("transition", "x1", "dead"), ("breaker", "a", "open"),
+        ("finding", "x2", False), ("transition", "x2", "dead"), ("breaker", "b", "open"),
+    ] == got  # fmt: skip
+
+
+async def test_a_memory_finding_a_transition_clears_comes_after_it(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    client = await make_client({"defaults": {"memory_limit_bytes": 1000, "memory_hold_s": 1}})
+    reader = await open_stream(client)
+    await post(client, state_event("x", "running", agent="a", rss_bytes=900))
+    await tick(client, clock, 2)  # memory_high raised
+    await post(client, state_event("x", "running", phase="p2", rss_bytes=100))
+    got = [(e.event, e.data.get("phase") or e.data.get("finding"), e.data.get("raised"))
+           for e in await reader.take(4)]  # fmt: skip
+    assert [("transition", None, None), ("finding", "memory_high", True),
+            ("transition", "p2", None), ("finding", "memory_high", False)] == got  # fmt: skip
