@@ -286,7 +286,7 @@ METRICS_KEYS: Mapping[str, Check] = {"max_agents": _integer(1), "tenants": _tena
 STREAM_KEYS: Mapping[str, Check] = {
     "ring_size": _integer(1),
     "queue_size": _integer(1),
-    "keepalive_s": _number(0.01, above=False),
+    "keepalive_s": _number(0.01, above=False, maximum=3600.0),
     "max_consumers": _integer(1),
     "max_consumers_per_tenant": _integer(1),
 }
