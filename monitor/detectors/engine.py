@@ -97,14 +97,11 @@ class Detectors:
     # ---- ingest path ---------------------------------------------------------------------
 
     def apply(self, event: Event, now: float) -> Transition | None:
-        """registry.apply(), then the detectors' bookkeeping for what it changed.
-
-        Side records made while applying (a finding cleared as its execution ends) wait in
-        the registry's outbox; those made after, as consequences (a breaker moving, a
-        memory finding), in this one: `place` puts each on its side of the transition."""
+        """registry.apply(), then the detectors' bookkeeping for what it changed. Its side
+        records (findings cleared or raised, a breaker moving) wait in the outboxes, for
+        `place` to put after the transition."""
         registry = self.registry
         transition = registry.apply(event, now)
-        mark = len(registry.outbox)
         if transition is not None:
             ex = registry.by_key(transition.key)
             if ex is not None:
@@ -116,18 +113,15 @@ class Detectors:
                     self._schedule(ex)  # limits may have moved a deadline earlier
                 if ex.rss_bytes is not None:
                     self._memory(ex, now)
-        if len(registry.outbox) > mark:  # raised after the transition: it goes after it
-            self.outbox.extend(registry.outbox[mark:])
-            del registry.outbox[mark:]
         return transition
 
-    def place(self, records: list[Record], start: int) -> None:
-        """Put the side records of one event or one deadline where they happened: those
-        made while applying it before its transitions (records[start:]), its consequences
-        after them. The stream shows them in that order."""
+    def place(self, records: list[Record]) -> None:
+        """Put the side records of one event or one deadline right after its transition
+        (the registry's first: findings that ended with it; then the breaker's), so the
+        stream shows each consequence next to its cause, not after the whole batch."""
         during, after = self.registry.outbox, self.outbox
         if during:
-            records[start:start] = during
+            records.extend(during)
             during.clear()
         if after:
             records.extend(after)
@@ -200,14 +194,13 @@ class Detectors:
                 continue  # evicted, or superseded by an earlier entry
             del ex.clocks[clock]
             self._queued -= 1
-            start = len(result.records)
             try:
                 self._fire(ex, clock, now, result)
             except Exception as exc:  # one broken detector must not stop the others
                 self.failures[clock] += 1
                 result.failures.append((clock, exc))
             if self.registry.outbox or self.outbox:
-                self.place(result.records, start)
+                self.place(result.records)
         breaker_heap = self._breaker_heap
         while breaker_heap and breaker_heap[0][0] <= now:
             _, _, bkey = heapq.heappop(breaker_heap)

@@ -165,12 +165,11 @@ class Ingestor:
                         if parsed.pid is not None:
                             raise ForbiddenField("pid", PID_NEEDS_ALL_TENANTS)
                     event = parsed
-                    start = len(records)
                     transition = apply(event, now)
                     if transition is not None:
                         records.append(transition)
                     if during or after:
-                        place(records, start)
+                        place(records)
                     accepted += 1
                 except DuplicateEvent:
                     duplicates += 1

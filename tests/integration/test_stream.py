@@ -492,8 +492,8 @@ async def test_a_sweep_waits_for_a_request_between_its_slices(
 async def test_a_sweep_places_each_deadlines_side_records_with_it(
     make_client: ClientFactory, clock: FakeClock
 ) -> None:
-    """Two deaths in one sweep: each one's finding cleared, its transition and its
-    breaker opening, in that order, before the next death."""
+    """Two deaths in one sweep: each one's transition, the finding that ended with it and
+    its breaker opening, in that order, before the next death."""
     client = await make_client({"defaults": {"heartbeat_timeout_s": 5, "stall_timeout_s": 2},
                                 "breaker": {"minimum_calls": 1}})  # fmt: skip
     reader = await open_stream(client)
@@ -508,8 +508,8 @@ async def test_a_sweep_places_each_deadlines_side_records_with_it(
     assert [
         ("transition", "x1", "running"), ("transition", "x2", "running"),
         ("finding", "x1", True), ("finding", "x2", True),
-        ("finding", "x1", False), ("transition", "x1", "dead"), ("breaker", "a", "open"),
-        ("finding", "x2", False), ("transition", "x2", "dead"), ("breaker", "b", "open"),
+        ("transition", "x1", "dead"), ("finding", "x1", False), ("breaker", "a", "open"),
+        ("transition", "x2", "dead"), ("finding", "x2", False), ("breaker", "b", "open"),
     ] == got  # fmt: skip
 
 
