@@ -34,6 +34,8 @@ import http.client
 import inspect
 import json
 import logging
+import multiprocessing.util
+import numbers
 import os
 import random
 import threading
@@ -58,6 +60,9 @@ HEARTBEAT_FRACTION = 1 / 3
 """Heartbeats go out at this fraction of the heartbeat timeout: two may be lost."""
 MIN_HEARTBEAT_INTERVAL_S = 0.1
 MAX_BATCH = 500
+BREAKER_TIMEOUT_S = 1.0
+"""A breaker check waits this long at most before the run starts without an answer."""
+BREAKER_CACHE_S = 1.0
 LATE_REASONS = frozenset({"final_state", "evicted"})
 """Rejections of reports that arrive after the daemon ended the execution itself."""
 MAX_STOPPED = 10_000
@@ -81,9 +86,12 @@ _LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def _flush_at_exit() -> None:
+    """Every open client sends what it holds, within EXIT_FLUSH_S for all of them; one
+    that knows its daemon is down does not wait at all."""
+    deadline = time.monotonic() + EXIT_FLUSH_S
     for client in list(_LIVE_CLIENTS):
         with contextlib.suppress(Exception):
-            client.close(EXIT_FLUSH_S)
+            client.close(max(0.0, deadline - time.monotonic()))
 
 
 def _restart_after_fork() -> None:
@@ -92,8 +100,20 @@ def _restart_after_fork() -> None:
             client._after_fork()
 
 
+def _flush_at_process_exit(_: object) -> None:
+    """In a multiprocessing child: it ends with os._exit, which skips atexit, but runs
+    the finalizers registered after its start."""
+    multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=100)
+
+
+class _Anchor:
+    """Something multiprocessing can hold a weak reference to."""
+
+
+_ANCHOR = _Anchor()
 atexit.register(_flush_at_exit)
 os.register_at_fork(after_in_child=_restart_after_fork)
+multiprocessing.util.register_after_fork(_ANCHOR, _flush_at_process_exit)
 
 _CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar("execwatch_run", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -117,8 +137,15 @@ class ClientStats:
     """Events dropped because the buffer was full (the daemon down too long)."""
     failed_posts: int = 0
     """Requests that failed (daemon down, 503, timeouts) and were retried."""
+    breaker_checks: int = 0
+    """Breaker questions asked of the daemon (answers are reused for a second)."""
     buffered: int = 0
     """Events waiting now."""
+
+
+_RESET = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+          ConnectionAbortedError)  # fmt: skip
+"""What a kept-alive connection the daemon closed in the meantime fails with."""
 
 
 class _Http:
@@ -142,27 +169,33 @@ class _Http:
         self, method: str, path: str, body: bytes | None = None
     ) -> tuple[int, dict[str, str], Any]:
         """(status, headers, decoded JSON or None). Raises OSError/HTTPException when the
-        daemon cannot be reached; the connection is then rebuilt on the next call."""
-        for attempt in (0, 1):
-            conn = self._conn
-            if conn is None:
-                factory = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-                conn = self._conn = factory(self.host, self.port, timeout=self.timeout_s)
-            try:
-                conn.request(method, self.prefix + path, body=body, headers=self.headers)
-                response = conn.getresponse()
-                raw = response.read()
-            except (OSError, http.client.HTTPException):
-                self.close()
-                if attempt:  # a kept-alive connection the daemon closed gets one retry
-                    raise
-                continue
-            try:
-                data = json.loads(raw) if raw else None
-            except ValueError:
-                data = None
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
-        raise AssertionError("unreachable")
+        daemon cannot be reached. Only a reused connection that the daemon had closed is
+        tried once more: a timeout is never doubled."""
+        reused = self._conn is not None
+        try:
+            return self._once(method, path, body)
+        except _RESET:
+            self.close()
+            if not reused:
+                raise
+            return self._once(method, path, body)
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def _once(self, method: str, path: str, body: bytes | None) -> tuple[int, dict[str, str], Any]:
+        conn = self._conn
+        if conn is None:
+            factory = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+            conn = self._conn = factory(self.host, self.port, timeout=self.timeout_s)
+        conn.request(method, self.prefix + path, body=body, headers=self.headers)
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
 
     def close(self) -> None:
         if self._conn is not None:
@@ -170,14 +203,40 @@ class _Http:
             self._conn = None
 
 
+class _Item:
+    """One queued event, already serialised (so a value JSON cannot carry fails at once,
+    alone, and never takes a batch of other runs' events with it)."""
+
+    __slots__ = ("body", "execution_id", "heartbeat", "registers")
+
+    def __init__(self, event: dict[str, Any], body: bytes) -> None:
+        self.body = body
+        self.execution_id: str = event["execution_id"]
+        self.heartbeat = event["type"] == "heartbeat"
+        self.registers = event["type"] == "state" and "agent" in event
+
+
+def _jsonable(value: object) -> object:
+    """What json cannot write: numbers as numbers (Decimal, numpy), the rest as text."""
+    if isinstance(value, numbers.Number) and not isinstance(value, complex):
+        return float(value)  # type: ignore[arg-type]
+    return str(value)
+
+
 class _Sender:
-    """The background thread: batches events, sends heartbeats, retries with backoff."""
+    """The background thread: batches events, adds heartbeats, retries with backoff.
+
+    The queue holds the application's own events, bounded by `max_buffer`. Background
+    heartbeats are not queued: they are built when a batch leaves, for the runs that are
+    due, so a daemon that is down for an hour costs no more memory than one down for a
+    second. They carry no seq, so they can never make a state event look stale.
+    """
 
     def __init__(self, client: Client, max_buffer: int) -> None:
         self.client = client
         self.max_buffer = max_buffer
         self.cond = threading.Condition()
-        self.queue: deque[dict[str, Any]] = deque()
+        self.queue: deque[_Item] = deque()
         self.in_flight = 0
         self.beating: dict[tuple[str | None, str], Run] = {}
         self.lookups: dict[str, Run] = {}
@@ -185,10 +244,11 @@ class _Sender:
         self.retry_at = 0.0
         self.failures = 0
         self.down_since: float | None = None
-        self.dropped_warned = False
         self.warned_trouble = False
         self.warned_reasons: set[str] = set()
         self.stopping = False
+        self.abandon_at = float("inf")
+        """After stop(): past this, what is still queued is dropped, not sent."""
         self.http = _Http(client.url, client.token, client.timeout_s)
         self.thread = threading.Thread(target=self._loop, name="execwatch-client", daemon=True)
         self.thread.start()
@@ -197,29 +257,37 @@ class _Sender:
 
     def put(self, event: dict[str, Any], run: Run | None = None) -> None:
         """Queue `event`; a run's events get their seq here, under the lock that orders
-        the queue, so a heartbeat built on the sender thread can never overtake them."""
+        the queue, so they reach the daemon in the order they were numbered."""
         stats = self.client.stats
         with self.cond:
             if run is not None:
                 run.number(event)
+            try:
+                body = json.dumps(event, default=_jsonable, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as exc:
+                stats.rejected += 1
+                self._warn_once("unencodable", "execwatch client: an event of %s could not be "
+                                "encoded as JSON (%s) and is dropped", event.get("execution_id"),
+                                exc)  # fmt: skip
+                return
             if len(self.queue) >= self.max_buffer:
                 self._drop_one()
-                stats.dropped += 1
-                if not self.dropped_warned:
-                    self.dropped_warned = True
-                    self._trouble(
-                        "execwatch buffer full (%d events): dropping the oldest heartbeats "
-                        "first while %s is unreachable; the application is not affected",
-                        self.max_buffer,
-                        self.client.url,
-                    )
-            self.queue.append(event)
+                self._trouble(
+                    "execwatch buffer full (%d events): dropping the oldest heartbeats first "
+                    "while %s does not take them; the application is not affected",
+                    self.max_buffer,
+                    self.client.url,
+                )
+            self.queue.append(_Item(event, body))
             stats.buffered = len(self.queue)
             self.cond.notify()
 
     def _drop_one(self) -> None:
-        for index, event in enumerate(self.queue):
-            if event["type"] == "heartbeat":
+        """Drop one event, counted: a heartbeat near the front if there is one (a state
+        event matters more), else the oldest. Bounded work: it runs on the app's thread."""
+        self.client.stats.dropped += 1
+        for index in range(min(64, len(self.queue))):
+            if self.queue[index].heartbeat:
                 del self.queue[index]
                 return
         self.queue.popleft()
@@ -231,10 +299,11 @@ class _Sender:
                 self.lookups[run.execution_id] = run
             self.cond.notify()
 
-    def unbeat(self, run: Run) -> None:
+    def unbeat(self, run: Run, forget: bool = True) -> None:
         with self.cond:
             self.beating.pop(run.key, None)
-            self.lookups.pop(run.execution_id, None)
+            if forget:
+                self.lookups.pop(run.execution_id, None)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every event put so far is sent (or `timeout_s` passed)."""
@@ -249,109 +318,21 @@ class _Sender:
         return True
 
     def stop(self, timeout_s: float) -> None:
-        self.flush(timeout_s)
+        """Send what is queued for `timeout_s` at most, in all; then drop the rest."""
+        deadline = time.monotonic() + timeout_s
+        down = self.down_since is not None
+        if not down:
+            self.flush(timeout_s)
         with self.cond:
             self.stopping = True
+            self.abandon_at = time.monotonic() if down else deadline  # no waiting on the dead
             self.cond.notify()
-        self.thread.join(timeout_s)
+        # The thread may be in a send: give it that send's timeout to notice, no longer.
+        self.thread.join(max(0.0, deadline - time.monotonic()) + self.client.timeout_s)
         self.http.close()
 
-    # ---- the thread ----------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                batch = self._next()
-                if batch is None:
-                    return
-                self.in_flight = len(batch)
-            try:
-                self._send(batch)
-            except Exception:  # a bug of ours must not kill the thread
-                log.exception("execwatch client: unexpected error; continuing")
-            finally:
-                with self.cond:
-                    self.in_flight = 0
-                    self.cond.notify_all()
-
-    def _next(self) -> list[dict[str, Any]] | None:
-        """Wait (holding the condition) for the next batch to send; None: stop."""
-        while True:
-            now = time.monotonic()
-            for run in list(self.beating.values()):
-                if run.next_beat_at <= now:
-                    run.next_beat_at = now + run.interval_s
-                    self.queue.append(run.heartbeat_event())
-            if self.stopping and not self.queue:
-                return None
-            ready = now >= self.retry_at
-            if ready and self.queue:
-                batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
-                self.client.stats.buffered = len(self.queue)
-                return batch
-            due = min((r.next_beat_at for r in self.beating.values()), default=now + 1.0)
-            wake = min(due, self.retry_at) if not ready else due
-            self.cond.wait(max(0.0, min(wake - now, 1.0)))
-
-    def _send(self, batch: list[dict[str, Any]]) -> None:
-        body = json.dumps(batch).encode()
-        try:
-            status, headers, answer = self.http.request("POST", "/v1/events", body)
-        except (OSError, http.client.HTTPException) as exc:
-            self._failed(batch, f"{type(exc).__name__}: {exc}", None)
-            return
-        if status in (429, 503) or status >= 500:
-            self._failed(batch, f"answered {status}", headers.get("retry-after"))
-            return
-        self._recovered()
-        stats = self.client.stats
-        if not isinstance(answer, dict) or "accepted" not in answer:  # the request as a whole
-            hint = "check EXECWATCH_TOKEN" if status in (401, 403) else "see the daemon's log"
-            error = answer.get("error") if isinstance(answer, dict) else None
-            self._warn_once(f"status-{status}", "execwatch answered %s (%s) to %d events, "
-                            "which are dropped: %s", status, error, len(batch), hint)  # fmt: skip
-            stats.rejected += len(batch)
-            return
-        stats.sent += answer.get("accepted", 0) + answer.get("duplicates", 0)
-        for directive in answer.get("directives", ()):  # first: they explain rejections
-            if directive.get("action") == "cancel":
-                self.client._directive(str(directive["execution_id"]), str(directive["reason"]))
-        for rejection in answer.get("rejected", ()):
-            stats.rejected += 1
-            self._rejected(batch, rejection)
-        stats.rejected += answer.get("rejected_omitted", 0)
-        for event in batch:  # registered: now learn the agent's effective heartbeat timeout
-            if event["type"] == "state" and "agent" in event:
-                with self.cond:
-                    run = self.lookups.pop(event["execution_id"], None)
-                if run is not None:
-                    self._look_up(run)
-
-    def _rejected(self, batch: list[dict[str, Any]], rejection: dict[str, Any]) -> None:
-        index = rejection.get("index")
-        event = batch[index] if isinstance(index, int) and 0 <= index < len(batch) else {}
-        reason = str(rejection.get("reason"))
-        if event.get("execution_id") in self.client._stopped and reason in LATE_REASONS:
-            return  # the daemon ended it (timeout, death): its late reports bounce, as expected
-        self._warn_once(
-            reason, "execwatch rejected an event (%s): %s", reason, rejection.get("error")
-        )
-
-    def _failed(self, batch: list[dict[str, Any]], why: str, retry_after: str | None) -> None:
-        stats = self.client.stats
-        stats.failed_posts += 1
-        self.failures += 1
-        backoff = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(self.failures - 1, 10))
-        with contextlib.suppress(TypeError, ValueError):
-            backoff = max(backoff, min(BACKOFF_MAX_S, float(retry_after)))  # type: ignore[arg-type]
-        backoff *= random.uniform(0.8, 1.2)  # many clients must not retry in step
-        with self.cond:
-            self.queue.extendleft(reversed(batch))
-            while len(self.queue) > self.max_buffer:
-                self._drop_one()
-                stats.dropped += 1
-            stats.buffered = len(self.queue)
-            self.retry_at = time.monotonic() + backoff
+    def mark_down(self, why: str) -> None:
+        """Something other than a send found the daemon unreachable (a breaker check)."""
         if self.down_since is None:
             self.down_since = time.monotonic()
             self._trouble(
@@ -362,6 +343,111 @@ class _Sender:
                 self.max_buffer,
             )
 
+    # ---- the thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                batch = self._next()
+                if batch is None:
+                    return
+                self.in_flight = len(batch[0])
+            try:
+                self._send(*batch)
+            except Exception:  # a bug of ours must not kill the thread
+                log.exception("execwatch client: unexpected error; continuing")
+            finally:
+                with self.cond:
+                    self.in_flight = 0
+                    self.cond.notify_all()
+
+    def _next(self) -> tuple[list[_Item], list[bytes]] | None:
+        """Wait (holding the condition) for the next batch: queued events, then heartbeats
+        of the runs that are due and have nothing in it. None: stop."""
+        while True:
+            now = time.monotonic()
+            if self.stopping and (not self.queue or now >= self.abandon_at):
+                self.client.stats.dropped += len(self.queue)
+                self.queue.clear()
+                return None
+            if now >= self.retry_at:
+                items = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
+                self.client.stats.buffered = len(self.queue)
+                named = {item.execution_id for item in items}
+                beats: list[bytes] = []
+                for run in self.beating.values():
+                    if run.next_beat_at <= now and len(items) + len(beats) < MAX_BATCH:
+                        run.next_beat_at = now + run.interval_s
+                        if run.execution_id not in named:  # its events are proof of life
+                            beats.append(run.heartbeat_body())
+                if items or beats:
+                    return items, beats
+            due = min((r.next_beat_at for r in self.beating.values()), default=now + 1.0)
+            wake = max(due, self.retry_at) if now < self.retry_at else due
+            if self.stopping:
+                wake = min(wake, self.abandon_at)
+            self.cond.wait(max(0.0, min(wake - now, 1.0)))
+
+    def _send(self, items: list[_Item], beats: list[bytes]) -> None:
+        body = b"[" + b",".join([*(item.body for item in items), *beats]) + b"]"
+        try:
+            status, headers, answer = self.http.request("POST", "/v1/events", body)
+        except (OSError, http.client.HTTPException) as exc:
+            self._failed(items, f"{type(exc).__name__}: {exc}", None)
+            return
+        if status in (429, 503) or status >= 500:
+            self._failed(items, f"answered {status}", headers.get("retry-after"))
+            return
+        self._recovered()
+        stats = self.client.stats
+        if not isinstance(answer, dict) or "accepted" not in answer:  # the request as a whole
+            hint = "check EXECWATCH_TOKEN" if status in (401, 403) else "see the daemon's log"
+            error = answer.get("error") if isinstance(answer, dict) else None
+            self._warn_once(f"status-{status}", "execwatch answered %s (%s) to %d events, "
+                            "which are dropped: %s", status, error, len(items), hint)  # fmt: skip
+            stats.rejected += len(items)
+            return
+        stats.sent += answer.get("accepted", 0) + answer.get("duplicates", 0)
+        for directive in answer.get("directives", ()):  # first: they explain rejections
+            if directive.get("action") == "cancel":
+                self.client._directive(str(directive["execution_id"]), str(directive["reason"]))
+        for rejection in answer.get("rejected", ()):
+            stats.rejected += 1
+            self._rejected(items, rejection)
+        stats.rejected += answer.get("rejected_omitted", 0)
+        for item in items:  # registered: now learn the agent's effective heartbeat timeout
+            if item.registers:
+                with self.cond:
+                    run = self.lookups.pop(item.execution_id, None)
+                if run is not None:
+                    self._look_up(run)
+
+    def _rejected(self, items: list[_Item], rejection: dict[str, Any]) -> None:
+        index = rejection.get("index")
+        known = isinstance(index, int) and 0 <= index < len(items)
+        execution_id = items[index].execution_id if known else None  # type: ignore[index]
+        reason = str(rejection.get("reason"))
+        if execution_id in self.client._stopped and reason in LATE_REASONS:
+            return  # the daemon ended it (timeout, death): its late reports bounce, as expected
+        self._warn_once(
+            reason, "execwatch rejected an event (%s): %s", reason, rejection.get("error")
+        )
+
+    def _failed(self, items: list[_Item], why: str, retry_after: str | None) -> None:
+        self.client.stats.failed_posts += 1
+        self.failures += 1
+        backoff = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(self.failures - 1, 10))
+        with contextlib.suppress(TypeError, ValueError):
+            backoff = max(backoff, min(BACKOFF_MAX_S, float(retry_after)))  # type: ignore[arg-type]
+        backoff *= random.uniform(0.8, 1.2)  # many clients must not retry in step
+        with self.cond:
+            self.queue.extendleft(reversed(items))
+            while len(self.queue) > self.max_buffer:
+                self._drop_one()
+            self.client.stats.buffered = len(self.queue)
+            self.retry_at = time.monotonic() + backoff
+        self.mark_down(why)
+
     def _trouble(self, message: str, *args: object) -> None:
         """One warning per spell of trouble (unreachable, buffer full); the rest at info."""
         (log.info if self.warned_trouble else log.warning)(message, *args)
@@ -371,13 +457,13 @@ class _Sender:
         self.failures = 0
         if self.down_since is not None:
             log.info(
-                "execwatch at %s is reachable again after %.1fs (%d events dropped meanwhile)",
+                "execwatch at %s is reachable again after %.1fs (%d events dropped so far)",
                 self.client.url,
                 time.monotonic() - self.down_since,
                 self.client.stats.dropped,
             )
             self.down_since = None
-            self.dropped_warned = self.warned_trouble = False
+            self.warned_trouble = False
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key in self.warned_reasons:
@@ -428,6 +514,8 @@ class Client:
         self._runs_lock = threading.Lock()
         self._stopped: dict[str, str] = {}
         """Executions the daemon asked to stop (bounded): their late reports bounce."""
+        self._breakers: dict[str, tuple[float, dict[str, Any]]] = {}
+        """Breaker answers by agent, with when they expire."""
         self.max_buffer = max_buffer
         self._sender = _Sender(self, max_buffer)
         self._closed = False
@@ -468,20 +556,33 @@ class Client:
         self._put({"type": "heartbeat", "execution_id": execution_id, **fields})
 
     def breaker(self, agent: str) -> dict[str, Any] | None:
-        """The agent's breaker as the daemon sees it, or None when it cannot say (down)."""
+        """The agent's breaker as the daemon sees it, or None when it cannot say. One
+        attempt of BREAKER_TIMEOUT_S at most; an answer is reused for BREAKER_CACHE_S; a
+        daemon that does not answer is marked down, so later runs do not wait on it."""
         if self._sender.down_since is not None:
             return None  # do not hold the application up on a daemon known to be down
+        now = time.monotonic()
+        cached = self._breakers.get(agent)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         path = f"/v1/breakers/{urllib.parse.quote(agent, safe='')}"
         if self.tenant is not None:
             path += "?" + urllib.parse.urlencode({"tenant": self.tenant})
-        conn = _Http(self.url, self.token, min(self.timeout_s, 2.0))
+        self.stats.breaker_checks += 1
+        conn = _Http(self.url, self.token, BREAKER_TIMEOUT_S)
         try:
-            status, _, answer = conn.request("GET", path)
-        except (OSError, http.client.HTTPException):
+            status, _, answer = conn._once("GET", path, None)
+        except (OSError, http.client.HTTPException) as exc:
+            self._sender.mark_down(f"{type(exc).__name__}: {exc}")
             return None
         finally:
             conn.close()
-        return answer if status == 200 and isinstance(answer, dict) else None
+        if status != 200 or not isinstance(answer, dict):
+            return None
+        if len(self._breakers) > MAX_STOPPED:
+            self._breakers.clear()
+        self._breakers[agent] = (now + BREAKER_CACHE_S, answer)
+        return answer
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until what was reported so far is sent; False if `timeout_s` ran out."""
@@ -592,6 +693,7 @@ class Run:
         self.progress_value: float = 0
         self.cancel_reason: str | None = None
         self.started = False
+        self.ended = False
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: contextvars.Token[Run | None] | None = None
@@ -703,16 +805,21 @@ class Run:
         self._send(event)
 
     def _end(self, exc: BaseException | None) -> None:
+        self.ended = True
         try:
             self.client._unregister(self)
-            if exc is None:
+            if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
                 self._send({"type": "state", "state": "completed"})
-            elif isinstance(exc, ExecutionCancelled | asyncio.CancelledError | KeyboardInterrupt):
+            elif isinstance(
+                exc,
+                ExecutionCancelled | asyncio.CancelledError | KeyboardInterrupt | GeneratorExit,
+            ):
                 reason = self.cancel_reason or type(exc).__name__
                 self._send({"type": "state", "state": "cancelled", "error": reason})
             else:
                 error = {"type": type(exc).__qualname__, "message": str(exc)[:1000]}
                 self._send({"type": "state", "state": "failed", "error": error})
+                self.client._breakers.pop(self.agent, None)  # a failure may open it
         finally:
             if self._token is not None:
                 with contextlib.suppress(ValueError):  # another context (a thread) reset it
@@ -730,17 +837,13 @@ class Run:
         if event["type"] == "state":
             event["event_id"] = f"{self.execution_id}:{self.seq}"  # retries are duplicates
 
-    def heartbeat_event(self) -> dict[str, Any]:
-        """The background heartbeat (built by the sender thread, under its lock)."""
-        event: dict[str, Any] = {
-            "type": "heartbeat",
-            "execution_id": self.execution_id,
-            "ts": time.time(),
-        }
+    def heartbeat_body(self) -> bytes:
+        """A background heartbeat, built as its batch leaves: no seq (it can never make a
+        state event look stale), no progress (it says "alive", not "moved")."""
+        event: dict[str, Any] = {"type": "heartbeat", "execution_id": self.execution_id}
         if self.tenant is not None:
             event["tenant"] = self.tenant
-        self.number(event)
-        return event
+        return json.dumps(event, separators=(",", ":")).encode()
 
     def set_heartbeat_timeout(self, timeout_s: float) -> None:
         """The agent's effective timeout, learnt after registering: beat fast enough."""
@@ -749,10 +852,17 @@ class Run:
 
     def _cancel(self, reason: str) -> None:
         """A cancel directive arrived (on the sender thread)."""
-        if self.cancel_reason is not None:
+        if self.cancel_reason is not None or self.ended:
             return
         self.cancel_reason = reason
         log.info("execwatch asked run %s to stop (%s)", self.execution_id, reason)
+        self.client._sender.unbeat(self, forget=False)  # it ended for the daemon: no beats
         if self._task is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing to cancel
-                self._loop.call_soon_threadsafe(self._task.cancel, f"execwatch: {reason}")
+                self._loop.call_soon_threadsafe(self._cancel_task, reason)
+
+    def _cancel_task(self, reason: str) -> None:
+        """On the run's loop: cancel its task, unless the run ended in the meantime (the
+        task has moved on to the application's other work)."""
+        if not self.ended and self._task is not None:
+            self._task.cancel(f"execwatch: {reason}")

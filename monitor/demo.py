@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -37,6 +38,7 @@ from monitor.client import Client
 from monitor.errors import BreakerOpen, ExecutionCancelled
 
 MIB = 1024 * 1024
+PR_SET_PDEATHSIG = 1
 LEAK_LIMIT_BYTES = 160 * MIB
 CONFIG = f"""
 # execwatch demo: limits short enough to see every detector within seconds.
@@ -63,6 +65,8 @@ window_size = 10
 wait_in_open_s = 20
 [detectors]
 memory_sample_interval_s = 0.5
+[stream]
+keepalive_s = 1                 # the demo's stream reader notices a silent daemon soon
 """
 EXPECTED = {
     "death": "sleeper died silently (no heartbeat for 2 s)",
@@ -112,9 +116,15 @@ class Seen:
 # ---- the daemon ----------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the demo dies, however it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def daemon(workdir: Path, listen: str) -> Iterator[str]:
-    """A real `execwatch serve` on a temporary SQLite file; yields its URL."""
+def daemon(workdir: Path, listen: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `execwatch serve` on a temporary SQLite file; yields its URL and process."""
     config = workdir / "execwatch.toml"
     config.write_text(CONFIG)
     log_path = workdir / "execwatch.log"
@@ -124,6 +134,7 @@ def daemon(workdir: Path, listen: str) -> Iterator[str]:
              "--database", str(workdir / "execwatch.db"), "--listen", listen],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "EXECWATCH_LOG_FORMAT": "json"},
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread of ours
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 30
@@ -138,7 +149,7 @@ def daemon(workdir: Path, listen: str) -> Iterator[str]:
                     )
                 else:
                     time.sleep(0.05)
-            yield url
+            yield url, process
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -165,16 +176,13 @@ def follow(url: str, seen: Seen, stop: threading.Event) -> None:
     last_id: str | None = None
     host, port = url.removeprefix("http://").rsplit(":", 1)
     while not stop.is_set():
-        conn = http.client.HTTPConnection(host, int(port), timeout=1.0)
+        conn = http.client.HTTPConnection(host, int(port), timeout=5.0)  # keep-alives: 1 s
         try:
             conn.request("GET", "/v1/stream", headers={"Last-Event-ID": last_id} if last_id else {})
             response = conn.getresponse()
             fields: dict[str, str] = {}
             while not stop.is_set():
-                try:
-                    raw = response.fp.readline()
-                except TimeoutError:
-                    continue
+                raw = response.fp.readline()  # a timeout (no keep-alive for 5 s) reconnects
                 if not raw:
                     break
                 line = raw.decode().rstrip("\n")
@@ -229,6 +237,7 @@ class Fleet:
         self.client = Client(url)
         self.threads: list[threading.Thread] = []
         self.children: list[subprocess.Popen[bytes]] = []
+        self.closed = False
 
     def start(self) -> None:
         for name in ("healthy_triage", "healthy_summarize", "waves", "flaky"):
@@ -236,15 +245,20 @@ class Fleet:
             thread.start()
             self.threads.append(thread)
 
-    def close(self) -> None:
+    def close(self, flush_s: float = 2.0) -> None:
+        """Stop every agent (2 s for all of them at most), then send what is left."""
+        if self.closed:
+            return
+        self.closed = True
         self.stop.set()
         for child in self.children:
             if child.poll() is None:
                 child.kill()
             child.wait()
+        deadline = time.monotonic() + 2.0
         for thread in self.threads:
-            thread.join(timeout=5)
-        self.client.close(2.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.client.close(flush_s)
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless the demo is over; False when it is."""
@@ -325,7 +339,8 @@ class Fleet:
             try:
                 async with run:
                     run.phase("waiting_on_tool")
-                    await asyncio.sleep(60)
+                    while not self.stop.is_set():  # hangs, as far as the daemon can tell
+                        await asyncio.sleep(0.2)
             except asyncio.CancelledError:
                 if run.cancel_reason is not None:
                     self.seen.add(Detection("task_cancelled", "hanger", run.execution_id,
@@ -356,7 +371,15 @@ def _child(role: str, url: str) -> subprocess.Popen[bytes]:
 
 
 def child(role: str, url: str) -> None:
-    """The body of a child process of the fleet."""
+    """The body of a child process of the fleet; it ends with the demo, whatever happens."""
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     client = Client(url)
     if role == "sleeper":
         with client.track("sleeper", pid=os.getpid()) as run:
@@ -472,8 +495,14 @@ def run(duration_s: float, listen: str | None, keep: bool, live: bool | None) ->
                   f"{detection.execution_id or '':30} {detection.detail}", flush=True)  # fmt: skip
 
     seen = Seen(announce)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM, SIGHUP: clean up as after Ctrl-C
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     try:
-        with daemon(workdir, listen or free_listen()) as url:
+        with daemon(workdir, listen or free_listen()) as (url, process):
             print(f"execwatch demo: daemon at {url} (SQLite file {workdir / 'execwatch.db'}); "
                   f"a fleet runs for {duration_s:.0f}s", flush=True)  # fmt: skip
 
@@ -488,16 +517,25 @@ def run(duration_s: float, listen: str | None, keep: bool, live: bool | None) ->
                     from rich.live import Live
 
                     with Live(live_view(url, seen, duration_s), refresh_per_second=4) as screen:
-                        while time.monotonic() < deadline:
+                        while time.monotonic() < deadline and process.poll() is None:
                             time.sleep(0.5)
                             screen.update(live_view(url, seen, duration_s))
                 else:
-                    while time.monotonic() < deadline:
+                    while time.monotonic() < deadline and process.poll() is None:
                         time.sleep(0.2)
-            finally:
-                fleet.close()
+            except KeyboardInterrupt:
                 stop.set()
+                fleet.close(flush_s=0.0)  # the daemon is going too: send nothing more
+                raise
+            finally:
+                stop.set()
+                fleet.close()  # a no-op when already closed
                 follower.join(timeout=3)
+            if process.poll() is not None:
+                log = (workdir / "execwatch.log").read_text(errors="replace")
+                print(f"execwatch demo: the daemon exited with {process.returncode} before the "
+                      f"end; its log ends with:\n{log[-2000:]}", file=sys.stderr)  # fmt: skip
+                return 1
             text, complete = summary(url, seen, workdir, keep)
             print(text, flush=True)
             return 0 if complete else 1

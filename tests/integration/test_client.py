@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -258,19 +261,147 @@ def test_the_sdk_imports_without_the_servers_dependencies() -> None:
 
 
 def test_heartbeats_never_overtake_a_runs_own_events(daemon: Daemon, client: Client) -> None:
-    """Seq numbers are given in queue order, under one lock: the background heartbeats
-    (every 0.1 s here) and thousands of progress reports never produce a stale seq."""
-    with client.track("busy", heartbeat_timeout_s=0.3) as run:
-        for i in range(5000):
-            run.progress(i)
-            if i % 500 == 0:
-                time.sleep(0.15)  # let background heartbeats interleave
+    """Four threads switch every 10 us while their runs pause, resume and progress, and
+    the background heartbeats go out every 0.1 s: no event is ever refused as stale."""
+
+    def worker(n: int) -> None:
+        with client.track("busy", heartbeat_timeout_s=0.3) as run:
+            for i in range(300):
+                run.progress(i)
+                if i % 50 == 0:
+                    run.pause()
+                    run.resume(f"step-{i}")
+                    time.sleep(0.12)  # let a background heartbeat go out
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert client.flush()
     assert 0 == client.stats.rejected
-    assert ("completed", 4999) == (
-        (ex := execution(daemon, run.execution_id))["state"],
-        ex["progress"],
+
+
+def test_one_value_json_cannot_carry_costs_only_its_own_event(
+    daemon: Daemon, client: Client
+) -> None:
+    """A Decimal is sent as a number; an event that cannot be encoded at all is dropped
+    alone (counted), never with the other runs' events of its batch."""
+    circular: dict[str, object] = {}
+    circular["self"] = circular
+    with client.track("careless") as careless, client.track("careful") as careful:
+        careless.progress(Decimal("0.5"))
+        careless.progress(3, note=circular)
+    assert client.flush()
+    assert 0.5 <= execution(daemon, careless.execution_id)["progress"] <= 3
+    assert "completed" == execution(daemon, careful.execution_id)["state"]
+    assert 1 == client.stats.rejected
+
+
+def test_sys_exit_0_is_a_completion_and_other_codes_a_failure(
+    daemon: Daemon, client: Client
+) -> None:
+    outcomes = {}
+    for code in (0, None, 3):
+        with pytest.raises(SystemExit), client.track("exiting") as run:
+            sys.exit(code)
+        outcomes[code] = run.execution_id
+    assert client.flush()
+    assert ["completed", "completed", "failed"] == [
+        execution(daemon, outcomes[code])["state"] for code in (0, None, 3)
+    ]
+
+
+def test_a_directive_after_an_async_run_ended_cancels_nothing(daemon: Daemon) -> None:
+    """The directive is acted on in the run's loop only while the run is still active:
+    the task, which has moved on to other work, is left alone."""
+
+    async def scenario() -> bool:
+        async with AsyncClient(daemon.url) as client:
+            async with client.track("late") as run:
+                pass
+            run._cancel("run_timeout")  # as the sender thread would, a moment too late
+            await asyncio.sleep(0.05)  # raises CancelledError if the task were cancelled
+            return True
+
+    assert asyncio.run(scenario())
+
+
+def test_heartbeats_stop_once_the_daemon_ended_the_run(daemon: Daemon, client: Client) -> None:
+    """After a directive a sync run may go on until its next check: it beats no more, so
+    it is not refused again and again."""
+    run = client.track("ended", run_timeout_s=0.3)
+    with run:
+        eventually(lambda: run.cancelled or run.progress(), "the directive")  # type: ignore[func-returns-value]
+        rejected = client.stats.rejected
+        time.sleep(0.5)  # three background heartbeats' worth
+        assert rejected == client.stats.rejected
+    assert client.flush()
+    assert "timeout" == execution(daemon, run.execution_id)["state"]
+
+
+def test_a_hung_daemon_costs_one_short_breaker_check(tmp_path: Path) -> None:
+    """A daemon that accepts connections but answers nothing (SIGSTOP): the first run asks
+    once, briefly, marks it down and starts; later runs do not ask again."""
+    hung = Daemon()
+    hung.process.send_signal(signal.SIGSTOP)
+    client = Client(hung.url)
+    try:
+        with client.track("patient"):
+            pass
+        with client.track("patient"):
+            pass
+        assert 1 == client.stats.breaker_checks
+        assert client._sender.down_since is not None
+    finally:
+        client.close(0.5)
+        hung.process.send_signal(signal.SIGCONT)
+        hung.stop()
+    assert not client._sender.thread.is_alive()
+
+
+def test_with_many_runs_and_no_daemon_the_buffer_stays_bounded() -> None:
+    """Background heartbeats are built as batches leave, never queued: 500 quiet runs
+    beating every 0.1 s with the daemon down leave only the application's own events."""
+    client = Client(f"http://127.0.0.1:{free_port()}", max_buffer=100)
+    runs = [client.track(f"quiet-{i % 10}", heartbeat_timeout_s=0.3, check_breaker=False)
+            for i in range(500)]  # fmt: skip
+    try:
+        for run in runs:
+            run.__enter__()
+        time.sleep(1.0)
+        assert len(client._sender.queue) <= 100
+        assert 400 == client.stats.dropped  # 500 registrations into 100 places
+    finally:
+        client.close(0.2)
+    assert not client._sender.thread.is_alive()
+
+
+def test_a_multiprocessing_worker_delivers_its_events(daemon: Daemon, tmp_path: Path) -> None:
+    """multiprocessing's children end with os._exit, which skips atexit: the client
+    flushes from the finalizer multiprocessing runs before it."""
+    code = (
+        "import multiprocessing as mp\n"
+        "from monitor.client import Client\n"
+        f"client = Client({daemon.url!r})\n"
+        "def work(n):\n"
+        "    with client.track('pooled', execution_id=f'worker-{n}'):\n"
+        "        pass\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = mp.get_context('fork')\n"
+        "    procs = [ctx.Process(target=work, args=(n,)) for n in range(3)]\n"
+        "    [p.start() for p in procs]\n"
+        "    [p.join() for p in procs]\n"
     )
+    script = tmp_path / "pool.py"
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], check=True, timeout=60)
+    assert ["completed"] * 3 == [execution(daemon, f"worker-{n}")["state"] for n in range(3)]
 
 
 def test_what_is_reported_before_exit_is_sent_at_exit(daemon: Daemon) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from monitor.demo import EXPECTED, Detection, Seen, live_view
@@ -41,3 +45,38 @@ def test_the_live_view_renders_detections_and_the_checklist() -> None:
     assert "sleeper-1" in text
     assert "✓ death" in text
     assert "· stalled" in text
+
+
+def running(marker: str) -> list[int]:
+    """Pids of processes whose command line holds `marker` (not this test's own)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if marker in cmdline and process.info["pid"] != os.getpid():
+            found.append(process.info["pid"])
+    return found
+
+
+def test_sigterm_stops_the_demo_and_everything_it_started() -> None:
+    """SIGTERM (a CI cancel, `timeout`): the daemon, the worker processes and the
+    temporary directory go with the demo."""
+    demo = subprocess.Popen(
+        [*EXECWATCH, "demo", "--duration", "60", "--no-live", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert demo.stdout is not None
+    first = demo.stdout.readline()  # "execwatch demo: daemon at URL (SQLite file PATH) ..."
+    workdir = Path(first.split("SQLite file ")[1].split(")")[0]).parent
+    for line in demo.stdout:  # wait for the leaking worker to be running: it is detected
+        if "memory" in line:
+            break
+    demo.send_signal(signal.SIGTERM)
+    assert 130 == demo.wait(timeout=30)
+    assert [] == running(f"--config {workdir}")  # the daemon went with it
+    deadline = time.monotonic() + 5
+    while running("from monitor.demo import child") and time.monotonic() < deadline:
+        time.sleep(0.2)  # an orphaned worker notices within 0.5 s
+    assert [] == running("from monitor.demo import child")
+    assert not workdir.exists()
