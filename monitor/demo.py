@@ -80,7 +80,7 @@ EXPECTED = {
     "circuit_open": "flaky failed until its breaker opened",
 }
 """What the demo must show, by detection."""
-LISTENING = re.compile(r"execwatch listening on (http://\S+)")
+LISTENING = re.compile(r"execwatch listening on (http://[\w.:\[\]-]+)")
 
 
 @dataclass
@@ -127,12 +127,13 @@ def daemon(workdir: Path, listen: str) -> Iterator[tuple[str, subprocess.Popen[b
     """A real `execwatch serve` on a temporary SQLite file; yields its URL and process."""
     config = workdir / "execwatch.toml"
     config.write_text(CONFIG)
-    log_path = workdir / "execwatch.log"
-    with open(log_path, "wb") as log:
+    log_path, err_path = workdir / "execwatch.log", workdir / "execwatch.stderr"
+    # Apart: the "listening on" line must not interleave with the log lines.
+    with open(log_path, "wb") as log, open(err_path, "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "monitor.cli", "serve", "--config", str(config),
              "--database", str(workdir / "execwatch.db"), "--listen", listen],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=err,
             env={**os.environ, "EXECWATCH_LOG_FORMAT": "json"},
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread of ours
         )  # fmt: skip
@@ -140,12 +141,14 @@ def daemon(workdir: Path, listen: str) -> Iterator[tuple[str, subprocess.Popen[b
             deadline = time.monotonic() + 30
             url = None
             while url is None:
-                match = LISTENING.search(log_path.read_text(errors="replace"))
+                match = LISTENING.search(err_path.read_text(errors="replace"))
                 if match:
                     url = match[1]
                 elif process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"the daemon did not start:\n{log_path.read_text(errors='replace')}"
+                        "the daemon did not start:\n"
+                        + err_path.read_text(errors="replace")
+                        + log_path.read_text(errors="replace")
                     )
                 else:
                     time.sleep(0.05)
@@ -466,7 +469,7 @@ def summary(url: str, seen: Seen, workdir: Path, keep: bool) -> tuple[str, bool]
         "",
         "The daemon stopped with the demo. To serve what it recorded:",
         f"  {serve_again}",
-        "Where it was, and where a daemon you serve will be:",
+        "Where it was (`serve` listens on 127.0.0.1:9478 unless given --listen):",
         f"  API          {url}/v1/executions  /v1/agents  /v1/findings  /openapi.json",
         f"  live stream  curl -N {url}/v1/stream",
         f"  metrics      {url}/metrics",
