@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/exporting.py
 	$(PY) bench/durability.py
 	$(PY) bench/stream.py
+	$(PY) bench/sdk.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
