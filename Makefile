@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/durability.py
 	$(PY) bench/stream.py
 	$(PY) bench/sdk.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

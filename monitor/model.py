@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple, TypeVar
 
 from monitor.config import Settings
 from monitor.events import LIMIT_FIELDS, Kind, Scalar
 from monitor.states import ExecState
+
+T = TypeVar("T")
+
+
+class Recent(list[T]):
+    """The last `maxlen` items, oldest first. Not a deque: an empty deque already holds a
+    64-slot block (760 bytes), twice per execution, and most executions keep a handful of
+    transitions and no RSS samples at all (measured: 3.2 KiB per live execution with two
+    deques, against the 2 KiB target)."""
+
+    __slots__ = ("maxlen",)
+
+    def __init__(self, maxlen: int, items: Iterable[T] = ()) -> None:
+        super().__init__()
+        self.maxlen = maxlen
+        self.extend(items)
+
+    def append(self, item: T) -> None:
+        super().append(item)
+        if len(self) > self.maxlen:
+            del self[0]
+
+    def extend(self, items: Iterable[T]) -> None:
+        super().extend(items)
+        excess = len(self) - self.maxlen
+        if excess > 0:
+            del self[:excess]
+
 
 Key = tuple[str, str]
 """(tenant, execution_id): execution ids are unique within a tenant."""
@@ -172,7 +200,7 @@ class Execution:
         self.memory_limit_bytes: int | None = None
         self.pid: int | None = None
         self.rss_bytes: int | None = None
-        self.rss_samples: deque[tuple[float, int]] = deque(maxlen=16)
+        self.rss_samples: Recent[tuple[float, int]] = Recent(16)
         self.rss_sampled = False
         """The last RSS came from the daemon's own sample of `pid`, not from an event."""
         self.over_soft_since: float | None = None
@@ -201,7 +229,7 @@ class Execution:
         self.clocks: dict[str, float] = {}
         """Detector bookkeeping: the earliest deadline queued per clock."""
         self.serial = serial
-        self.history: deque[Transition] = deque(maxlen=history)
+        self.history: Recent[Transition] = Recent(history)
 
     def to_dict(self, settings: Settings) -> dict[str, Any]:
         """The execution as the API shows it, with its effective limits and active findings."""
