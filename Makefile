@@ -40,6 +40,7 @@ test: lint tools
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/pushgateway.py
 	$(PY) bench/detection.py
 	$(PY) bench/exporting.py
 	$(PY) bench/durability.py
