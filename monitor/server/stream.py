@@ -34,6 +34,7 @@ from aiohttp import web
 from monitor.config import StreamSettings
 from monitor.detectors.breaker import BreakerTransition
 from monitor.detectors.engine import Record
+from monitor.encoding import compact_json
 from monitor.model import FindingChange, Transition
 from monitor.stats import StreamStats
 
@@ -119,7 +120,7 @@ class Entry:
         data = self._data
         if data is None:
             event, fields = payload(self.record)
-            data = self._data = (event.encode(), orjson.dumps(fields))
+            data = self._data = (event.encode(), compact_json(fields))  # kept in the ring
         return _FRAME % (self.own if scoped else self.every, data[0], data[1])
 
 

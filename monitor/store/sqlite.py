@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from monitor.encoding import compact_json
 from monitor.errors import ConfigError
 from monitor.model import Key
 from monitor.store import Changes, Snapshot, merge_liveness
@@ -168,10 +169,10 @@ class SqliteStore:
     async def commit(self, changes: Changes) -> None:
         # Snapshot now: the registry goes on changing these objects after the first await.
         rows = [
-            (ex.tenant, ex.execution_id, ex.serial, orjson.dumps(ex.snapshot()))
+            (ex.tenant, ex.execution_id, ex.serial, compact_json(ex.snapshot()))
             for ex in changes.executions
         ]
-        breakers = [(b.tenant, b.agent, orjson.dumps(b.snapshot())) for b in changes.breakers]
+        breakers = [(b.tenant, b.agent, compact_json(b.snapshot())) for b in changes.breakers]
         evicted, forgotten = list(changes.evicted), list(changes.forgotten_breakers)
         spans = [
             (tenant, execution_id, trace_id, span_id, sampled, tenant, execution_id)
@@ -189,7 +190,7 @@ class SqliteStore:
                 if start:
                     await asyncio.sleep(0)  # 100k heartbeating executions: no 150 ms stall
                 liveness.extend(
-                    (ex.tenant, ex.execution_id, orjson.dumps(ex.liveness()), ex.tenant,
+                    (ex.tenant, ex.execution_id, compact_json(ex.liveness()), ex.tenant,
                      ex.execution_id)
                     for ex in changes.liveness[start : start + LIVENESS_SLICE]
                 )  # fmt: skip
