@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from exporters.logs import configure_logging
 from monitor.config import build_settings
 from monitor.detectors.engine import Detectors, Record
 from monitor.events import parse_event
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    # As the daemon logs: JSON lines through its writer thread (here to /dev/null). Without
+    # this, structlog's default prints each of 10k deaths to the console, synchronously.
+    configure_logging("info", "json", open(os.devnull, "w"))  # noqa: SIM115 - for the run
 
     print("tick cost with nothing due (the heap's head is all a tick reads):")
     curve = {live: tick_cost(live) for live in sizes}
