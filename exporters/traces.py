@@ -79,6 +79,8 @@ class TraceIds:
 
     def exemplar_trace_id(self, key: Key, ex: Execution | None) -> str | None:
         """The trace id worth linking from a metric: only a trace that is being recorded."""
+        if not (self.open or self.ended) and (ex is None or ex.traceparent is None):
+            return None  # no tracing, no caller's trace: the common case, answered at once
         if key in self.unsampled:
             return None
         if self.get(key) is None and ex is not None and ex.traceparent is not None:

@@ -117,8 +117,8 @@ def make_app(
     app[INGESTOR] = ingestor
     metrics_sink = MetricsSink(
         AgentLabels(settings.metrics.max_agents, settings.metrics.tenants),
-        created_at=lambda key: None if (ex := registry.by_key(key)) is None else ex.created_at,
-        trace_id=lambda key: traces.exemplar_trace_id(key, registry.by_key(key)),
+        lookup=registry.by_key,
+        trace_id=traces.exemplar_trace_id,
         drain=lambda: (registry.drain_heartbeats(), detectors.drain_not_permitted()),
     )
     app[METRICS] = Metrics(ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock))
