@@ -158,6 +158,7 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
     numeric = getattr(logging, level.upper())
     JsonLines.active = None if console else JsonLines(writer, numeric)
+    AccessLogger.level = numeric
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -287,8 +288,15 @@ class LogSink:
 class AccessLogger(AbstractAccessLogger):
     """aiohttp's access log as structlog lines (ingest and probes at debug when they succeed)."""
 
+    level: ClassVar[int] = logging.INFO
+    """The configured level (set by configure_logging)."""
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         quiet = request.path in _QUIET_PATHS and response.status < 400
+        if quiet and AccessLogger.level > logging.DEBUG:
+            # Decided before any field is read: a filtered line cost ~9 us a request
+            # (a logger built per call, the peer address looked up), 10% of a heartbeat.
+            return
         logger = structlog.get_logger("execwatch.access")
         (logger.debug if quiet else logger.info)(
             "http_request",

@@ -79,6 +79,28 @@ def test_the_daemon_writes_json_lines_and_survives_a_closed_stdout() -> None:
         daemon.stop()
 
 
+def test_successful_ingest_is_logged_only_at_debug() -> None:
+    """Heartbeat batches and probes answer quietly at info; at debug each gets its line."""
+    for level, expected in (("info", []), ("debug", ["/v1/events", "/healthz"])):
+        daemon = Daemon(stdout=subprocess.PIPE, env={"EXECWATCH_LOG_LEVEL": level})
+        try:
+            assert (
+                202
+                == daemon.request("POST", "/v1/events", state_event("r", "running", agent="a"))[0]
+            )
+            assert 200 == daemon.request("GET", "/healthz")[0]
+            assert 404 == daemon.request("GET", "/v1/executions/nobody")[0]  # always at info
+        finally:
+            daemon.stop()
+        assert daemon.process.stdout is not None
+        lines = [json.loads(line) for line in daemon.process.stdout]
+        access = [(e["path"], e["level"]) for e in lines if e["event"] == "http_request"]
+        assert [
+            *((path, "debug") for path in expected),
+            ("/v1/executions/nobody", "info"),
+        ] == access, level
+
+
 def test_a_stdout_nobody_reads_never_stalls_the_daemon() -> None:
     """The pipe fills up; ingest, health and detection go on, and the drops are counted."""
     daemon = Daemon(stdout=subprocess.PIPE)  # and never read
