@@ -152,53 +152,45 @@ class Ingestor:
         # while this one yields between slices cannot take half of its changes.
         async with self.write_lock:
             for index, item in enumerate(items):
-                if index and not index % YIELD_EVERY:
+                if not index % YIELD_EVERY and index:
                     await asyncio.sleep(0)
-                event = None
                 try:
-                    if isinstance(item, Rejection):
-                        raise item
-                    parsed = parse_event(item, now, names, tenant)
+                    event = parse_event(item, now, names, tenant)  # raises an NDJSON line's
                     if tenant is not None:
-                        if parsed.tenant != tenant:
-                            raise OtherTenant(tenant, parsed.tenant)  # never applied or named
-                        if parsed.pid is not None:
+                        if event.tenant != tenant:
+                            raise OtherTenant(tenant, event.tenant)  # never applied or named
+                        if event.pid is not None:
                             raise ForbiddenField("pid", PID_NEEDS_ALL_TENANTS)
-                    event = parsed
-                    transition = apply(event, now)
-                    if transition is not None:
-                        records.append(transition)
-                    if during or after:
-                        place(records)
-                    accepted += 1
-                except DuplicateEvent:
-                    duplicates += 1
                 except Rejection as exc:
-                    stats.rejected[exc.reason] += 1
-                    if len(rejected) < MAX_REJECTIONS_SHOWN:
-                        rejected.append(
-                            {
-                                "index": index,
-                                "status": exc.status,
-                                "reason": exc.reason,
-                                "error": exc.message,
-                            }
-                        )
-                if event is None:
                     invalid += 1
+                    self._reject(rejected, index, exc)
                     continue
                 if event.type is _HEARTBEAT:
                     heartbeats += 1
                 if event.at != now and (newest_ts is None or event.at > newest_ts):
                     newest_ts = event.at
+                try:
+                    transition = apply(event, now)
+                except DuplicateEvent:
+                    duplicates += 1
+                except Rejection as exc:
+                    self._reject(rejected, index, exc)
+                else:
+                    accepted += 1
+                    if transition is not None:
+                        records.append(transition)
+                    if during or after:
+                        place(records)
                 if stopping:
                     key = (event.tenant, event.execution_id)
                     if key in stopping:
                         named[key] = None
             # Counted once per batch: a Counter update per event costs more than the rest of
-            # the loop's bookkeeping together.
-            states = len(items) - heartbeats - invalid
-            stats.received.update(heartbeat=heartbeats, state=states, invalid=invalid)
+            # the loop's bookkeeping together (and Counter.update() more than three adds).
+            received = stats.received
+            received["heartbeat"] += heartbeats
+            received["state"] += len(items) - heartbeats - invalid
+            received["invalid"] += invalid
             stats.accepted += accepted
             stats.duplicates += duplicates
             if newest_ts is not None:
@@ -215,7 +207,9 @@ class Ingestor:
                 {"execution_id": key[1], "action": "cancel", "reason": stopping[key]}
                 for key in named
                 if key in stopping
-            ],
+            ]
+            if named
+            else [],
         }
         omitted = len(items) - accepted - duplicates - len(rejected)
         if omitted:
@@ -240,6 +234,14 @@ class Ingestor:
         async with self.write_lock:
             taken = self._take(records, checkpoint)
         await self._write(taken)
+
+    def _reject(self, rejected: list[dict[str, Any]], index: int, exc: Rejection) -> None:
+        """Count a rejected event, and list it while the answer has room."""
+        self.stats.rejected[exc.reason] += 1
+        if len(rejected) < MAX_REJECTIONS_SHOWN:
+            rejected.append(
+                {"index": index, "status": exc.status, "reason": exc.reason, "error": exc.message}
+            )
 
     def _take(self, records: Sequence[Record], checkpoint: bool) -> _Taken:
         """Take every owed change out of the registry, detectors and traces. Callers hold

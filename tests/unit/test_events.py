@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from monitor import events
 from monitor.errors import BodyError, EventError
 from monitor.events import Event, EventType, Kind, decode_body, parse_event, parse_ts, to_wire
 from monitor.states import ExecState, StateNames
@@ -175,6 +176,25 @@ def test_each_bad_field_is_named_with_its_value_and_what_is_allowed(
     error = rejects(obj)
     assert (field, reason, 422) == (error.field, error.reason, error.status)
     assert words in error.message
+
+
+def test_names_are_shared_once_valid_and_still_checked_when_many() -> None:
+    """Agents and phases are kept as one shared string each; past the remembered count they
+    are still checked, and a bad one is refused wherever it comes."""
+    first = parse(heartbeat("r1", agent="".join(["plan", "ner"]), phase="sea" + "rch"))
+    second = parse(heartbeat("r2", agent="".join(["plan", "ner"]), phase="sea" + "rch"))
+    assert (first.agent, first.phase) == ("planner", "search")
+    assert second.agent is first.agent
+    assert second.phase is first.phase
+    try:
+        for i in range(events.MAX_KNOWN_NAMES + 10):
+            assert f"agent-{i}" == parse(heartbeat("r", agent=f"agent-{i}")).agent
+        assert events.MAX_KNOWN_NAMES == len(events._known_names)
+        for bad in ("", "tab\there", ["planner"], {"a": 1}, 7):
+            error = rejects(heartbeat("r", agent=bad))
+            assert ("agent", 422) == (error.field, error.status)
+    finally:
+        events._known_names.clear()
 
 
 @pytest.mark.parametrize(
