@@ -451,6 +451,41 @@ def parse_event(
     return tuple.__new__(Event, values)  # Event._make without its Python frame
 
 
+Beat = tuple[tuple[str, str], str | None, int | None, float | int | str | None]
+"""The common heartbeat: ((tenant, execution_id), agent, seq, progress)."""
+_BEAT_FIELDS = frozenset({"type", "execution_id", "tenant", "agent", "seq", "progress"})
+
+
+def parse_beat(obj: object, tenant: str | None = None) -> Beat | None:
+    """The common heartbeat read without building an Event, or None for anything else.
+
+    Common: a heartbeat with nothing but `execution_id`, `tenant`, `agent`, `seq` and
+    `progress`, each valid as `parse_event` checks it (with the same validators), and
+    its tenant the caller's when the caller is bound to one. None otherwise, and then
+    `parse_event` reads it, and names what is wrong."""
+    if type(obj) is not dict or obj.get("type") != "heartbeat" or not obj.keys() <= _BEAT_FIELDS:
+        return None
+    get = obj.get
+    raw_id, raw_tenant = get("execution_id"), get("tenant")
+    agent, seq, progress = get("agent"), get("seq"), get("progress")
+    if type(raw_id) is not str or _id_match(raw_id) is None:
+        return None
+    try:
+        if raw_tenant is None:
+            raw_tenant = tenant or DEFAULT_TENANT
+        elif _identifier("tenant", raw_tenant) != tenant and tenant is not None:
+            return None  # another tenant's: refused by parse_event's caller
+        if agent is not None:
+            agent = _known_name("agent", agent)
+        if seq is not None:
+            _integer("seq", seq, 0)
+        if progress is not None:
+            _progress("progress", progress)
+    except EventError:
+        return None
+    return (raw_tenant, raw_id), agent, seq, progress
+
+
 def to_wire(event: Event) -> dict[str, Any]:
     """The event as a wire object, canonical spellings only; parse_event() reads it back."""
     wire: dict[str, Any] = {

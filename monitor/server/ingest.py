@@ -13,7 +13,7 @@ from exporters.traces import TraceIds
 from monitor.detectors.breaker import Breaker
 from monitor.detectors.engine import Detectors, Record
 from monitor.errors import DuplicateEvent, ForbiddenField, OtherTenant, Rejection
-from monitor.events import EventType, decode_body, parse_event
+from monitor.events import EventType, decode_body, parse_beat, parse_event
 from monitor.model import Execution, Key
 from monitor.server.stream import Broadcaster
 from monitor.states import StateNames
@@ -139,7 +139,7 @@ class Ingestor:
                 "(max_batch_events) are taken in one request: split the batch"
             )
         registry, names, stats = self.registry, self.names, self.stats
-        apply, stopping = self.detectors.apply, registry.stopping
+        apply, apply_beat, stopping = self.detectors.apply, registry.beat, registry.stopping
         # Side records (a finding cleared, a breaker moved) go out right where they
         # happened, between the transitions of the events that caused them.
         during, after, place = registry.outbox, self.detectors.outbox, self.detectors.place
@@ -154,6 +154,16 @@ class Ingestor:
             for index, item in enumerate(items):
                 if not index % YIELD_EVERY and index:
                     await asyncio.sleep(0)
+                beat = parse_beat(item, tenant)
+                if beat is not None and apply_beat(beat, now):
+                    # The common heartbeat, to a live execution: what apply() would do.
+                    heartbeats += 1
+                    accepted += 1
+                    if during or after:
+                        place(records)  # its progress ended a `stalled` finding
+                    if stopping and beat[0] in stopping:
+                        named[beat[0]] = None
+                    continue
                 try:
                     event = parse_event(item, now, names, tenant)  # raises an NDJSON line's
                     if tenant is not None:
