@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from monitor.errors import BodyError, EventError
+from monitor.errors import BodyError, EventError, Rejection
 from monitor.states import ExecState, StateNames
 
 
@@ -158,7 +158,8 @@ def _name(field: str, value: object, limit: int = MAX_NAME) -> str:
 
 
 MAX_KNOWN_NAMES = 4096
-"""Distinct names (agents, phases) remembered as valid, at most."""
+"""Distinct names (agents, phases) remembered as valid, at most. The first ones seen are
+kept; past the bound a name is still checked, only not shared."""
 _known_names: dict[str, str] = {}
 
 
@@ -372,7 +373,7 @@ def parse_event(
     value is null counts as absent.
     """
     if type(obj) is not dict:
-        if isinstance(obj, EventError):  # an NDJSON line that was not JSON
+        if isinstance(obj, Rejection):  # an NDJSON line that was not JSON
             raise obj
         raise EventError(
             "event", f"an event must be a JSON object, got {json_type(obj)}", "invalid_event"
