@@ -26,7 +26,7 @@ class Recent(list[T]):
         self.extend(items)
 
     def append(self, item: T) -> None:
-        super().append(item)
+        list.append(self, item)  # not super(): it builds an object per call
         if len(self) > self.maxlen:
             del self[0]
 
@@ -62,6 +62,9 @@ class Transition(NamedTuple):
     """The execution was dead and showed proof of life (a false positive of the dead detector)."""
     detected_at: float | None = None
     """For a detector's transition, when it was detected: the lag is detected_at - at."""
+    created_at: float | None = None
+    """When the execution was first seen (its `created_at`): a sink takes a duration from
+    here, without looking the execution up among 100k (measured: ~0.5 us, a cache miss)."""
 
     @property
     def key(self) -> Key:
@@ -318,7 +321,7 @@ class Execution:
                 Transition(
                     ex.tenant, ex.execution_id, ex.agent, ex.kind,
                     None if old is None else ExecState(old), ExecState(new), at, phase,
-                    reason, revived, detected_at,
+                    reason, revived, detected_at, ex.created_at,
                 )
             )  # fmt: skip
         return ex

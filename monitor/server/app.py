@@ -114,19 +114,25 @@ def make_app(
     app[NOTIFIER] = notifier if notifier is not None else Notifier(None, None)
     app[PROCESSES] = ProcessWatch()
     traces = TraceIds()
+
+    def traced() -> bool:
+        """Whether any execution may have a trace: a span, or a caller's traceparent."""
+        return bool(traces.open or traces.ended or registry.traced)
+
     app[INGESTOR] = ingestor
     metrics_sink = MetricsSink(
         AgentLabels(settings.metrics.max_agents, settings.metrics.tenants),
         lookup=registry.by_key,
         trace_id=traces.exemplar_trace_id,
         drain=lambda: (registry.drain_heartbeats(), detectors.drain_not_permitted()),
+        traced=traced,
     )
     app[METRICS] = Metrics(ExecwatchCollector(detectors, ingestor.stats, metrics_sink, clock))
     # Stream ids start at the start time in microseconds: they increase across restarts.
     app[STREAM] = broadcaster = Broadcaster(
         settings.stream, int(clock() * 1_000_000), ingestor.stats.stream
     )
-    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key)]
+    exporters: list[Sink] = [metrics_sink, LogSink(traces, registry.by_key, traced)]
     ingestor.set_publish(broadcaster)
     pipeline = make_span_pipeline(otel_environ or {}, ingestor.stats, span_exporter)
     if pipeline is not None:

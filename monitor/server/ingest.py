@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -24,6 +24,21 @@ log = structlog.get_logger("execwatch.ingest")
 
 Sink = Callable[[Sequence[Record]], None]
 """Receives every batch of records (exporters, the live stream). Must not block."""
+
+
+@runtime_checkable
+class Deferrable(Protocol):
+    """A sink nobody reads the moment a record arrives (metrics, read at scrape): during a
+    detector sweep it is handed each slice's records to keep, and counts them once the
+    sweep is over, so the sinks that announce (logs, the stream) see every slice sooner.
+    It must count what it keeps before anything reads it, and before newer records."""
+
+    def __call__(self, records: Sequence[Record]) -> None: ...
+
+    def defer(self, records: Sequence[Record]) -> None: ...
+
+    def settle(self) -> None: ...
+
 
 _HEARTBEAT = EventType.HEARTBEAT
 PID_NEEDS_ALL_TENANTS = (
@@ -93,6 +108,8 @@ class Ingestor:
         self.max_batch_events = max_batch_events
         self.stats = IngestStats()
         self.sinks: list[Sink] = []
+        self._deferrable: set[int] = set()
+        """id() of the sinks that are Deferrable."""
         self.set_sinks(sinks)
         self.write_lock = asyncio.Lock()
         """Held while a request applies its events and takes its changes, and by every
@@ -115,6 +132,7 @@ class Ingestor:
     def set_sinks(self, sinks: Sequence[Sink]) -> None:
         """Feed records to `sinks`, in order; their failure counts start at 0."""
         self.sinks = list(sinks)
+        self._deferrable = {id(sink) for sink in self.sinks if isinstance(sink, Deferrable)}
         for sink in self.sinks:
             self.stats.sink_failures.setdefault(sink_name(sink), 0)
 
@@ -232,12 +250,22 @@ class Ingestor:
         return IngestResult(status, answer)
 
     async def sweep(self, step: Callable[[], Sequence[Record]]) -> None:
-        """Run `step` (a detector sweep) under the write lock and commit what it made: a
-        sweep never lands in the middle of a request that is between two of its slices,
-        so the stream shows its records in the order they happened."""
+        """Run `step` (a slice of a detector sweep) under the write lock and commit what it
+        made: a sweep never lands in the middle of a request that is between two of its
+        slices, so the stream shows its records in the order they happened. Deferrable
+        sinks keep the records until `settle()`, which the sweep's caller owes."""
         async with self.write_lock:
             taken = self._take(step(), False)
-        await self._write(taken)
+        await self._write(taken, defer=True)
+
+    def settle(self) -> None:
+        """Have the Deferrable sinks count what they kept (the end of a sweep)."""
+        for sink in self.sinks:
+            if id(sink) in self._deferrable:
+                try:
+                    sink.settle()  # type: ignore[attr-defined]
+                except Exception:
+                    self._sink_failed(sink)
 
     async def commit(self, records: Sequence[Record] = (), *, checkpoint: bool = False) -> None:
         """Make every owed change durable, then hand `records` and the registry's side
@@ -285,7 +313,7 @@ class Ingestor:
         )  # fmt: skip
         return _Taken(records, seq, changes, dirty, breakers)
 
-    async def _write(self, taken: _Taken) -> None:
+    async def _write(self, taken: _Taken, defer: bool = False) -> None:
         changes, committed = taken.changes, False
         try:
             if changes is not None:
@@ -300,7 +328,7 @@ class Ingestor:
         finally:
             # The sinks mirror the registry, which changed whether or not the store kept up.
             if taken.records:
-                self.fan_out(taken.records)
+                self.fan_out(taken.records, defer)
             # The stream promises what is committed: a failed commit's records wait.
             if self.publish is not None and (taken.records or self.unpublished):
                 carries_owed = taken.changes is not None and taken.seq >= self._owed_from
@@ -340,12 +368,20 @@ class Ingestor:
         if self.traces is not None:
             self.traces.return_unsaved(list(changes.span_contexts))
 
-    def fan_out(self, records: Sequence[Record]) -> None:
-        """Give `records` to every sink; a sink that raises is logged and skipped."""
+    def fan_out(self, records: Sequence[Record], defer: bool = False) -> None:
+        """Give `records` to every sink (with `defer`, to keep, if it is Deferrable); a
+        sink that raises is logged and skipped."""
+        deferrable = self._deferrable if defer else ()
         for sink in self.sinks:
             try:
-                sink(records)
+                if id(sink) in deferrable:
+                    sink.defer(records)  # type: ignore[attr-defined]
+                else:
+                    sink(records)
             except Exception:
-                name = sink_name(sink)
-                self.stats.sink_failures[name] += 1
-                log.exception("sink_failed", sink=name)
+                self._sink_failed(sink)
+
+    def _sink_failed(self, sink: Sink) -> None:
+        name = sink_name(sink)
+        self.stats.sink_failures[name] += 1
+        log.exception("sink_failed", sink=name)

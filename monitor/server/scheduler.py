@@ -189,6 +189,23 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
+GC_THRESHOLD = (10_000, 10, 10)
+"""The cyclic GC's allocation thresholds while the daemon runs (CPython's default: 700).
+
+A sweep that ends 10k executions at once allocates ~10 objects per death that live until
+its slice is committed and handed to the sinks: at 700, young collections ran ~50 times in
+one such sweep and re-scanned those survivors, 10-15% of it (measured with gc.callbacks).
+Short-lived objects die by reference counting before a collection at 10,000 ever sees
+them. Long-lived ones are frozen (freeze_long_lived) either way."""
+
+
+def tune_gc() -> tuple[int, int, int]:
+    """Set GC_THRESHOLD; return the thresholds it replaced."""
+    previous = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLD)
+    return previous
+
+
 TICK_BUDGET = 1000
 """Due entries handled per slice; between slices the loop commits, yields and re-reads the
 clock, so 10k deadlines falling due at once are announced as they are decided."""
@@ -215,14 +232,17 @@ async def _tick(
         more[0] = result.more
         return result.records
 
-    while more[0]:
-        try:
-            await ingestor.sweep(step)
-        except Exception:
-            log.exception("tick_failed")  # the loop never dies
-            return
-        if more[0]:
-            await asyncio.sleep(0)
+    try:
+        while more[0]:
+            try:
+                await ingestor.sweep(step)
+            except Exception:
+                log.exception("tick_failed")  # the loop never dies
+                return
+            if more[0]:
+                await asyncio.sleep(0)
+    finally:
+        ingestor.settle()  # the metrics count the sweep once every slice is announced
 
 
 async def run_sampler(app: web.Application) -> None:
@@ -272,10 +292,12 @@ def detector_tasks(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _run_tasks(app: web.Application) -> AsyncIterator[None]:
+    previous = tune_gc()
     tasks = [asyncio.create_task(run_ticks(app))]
     if app[SETTINGS].detectors.memory_samples_max:
         tasks.append(asyncio.create_task(run_sampler(app)))
     yield
+    gc.set_threshold(*previous)
     for task in tasks:
         task.cancel()
     for task in tasks:

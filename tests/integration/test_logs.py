@@ -49,7 +49,8 @@ async def test_every_record_is_one_line_with_its_ids(
         first["agent"],
         first["trace_id"],
     )
-    assert ("heartbeat", True) == (dead["reason"], dead["detection_lag_s"] >= 0)
+    # Its last heartbeat at +1 with a 5 s timeout: due at +6, seen by the tick at +7.5.
+    assert ("heartbeat", 1.5) == (dead["reason"], dead["detection_lag_s"])
 
 
 def test_the_daemon_writes_json_lines_and_survives_a_closed_stdout() -> None:

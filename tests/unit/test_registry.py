@@ -316,6 +316,44 @@ def test_a_snapshot_restores_to_an_equal_execution(world: World) -> None:
     assert 1 == fresh.finished_count
 
 
+def test_traced_tells_once_any_execution_carried_a_traceparent(world: World) -> None:
+    """Sinks skip looking executions up for trace ids until one has a trace: applied or
+    restored, a traceparent turns `traced` on (and nothing turns it off)."""
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    world.send(state_event("plain", "running", agent="a"))
+    assert False is world.registry.traced
+    world.send(state_event("r", "running", agent="a", traceparent=traceparent))
+    assert True is world.registry.traced
+    world.send(state_event("r", "completed"))
+    assert True is world.registry.traced
+    ex = world.registry.get("default", "r")
+    plain = world.registry.get("default", "plain")
+    assert ex is not None
+    assert plain is not None
+    fresh = Registry(world.registry.settings)
+    fresh.restore(plain.snapshot())
+    assert False is fresh.traced
+    fresh.restore(ex.snapshot())
+    assert True is fresh.traced
+
+
+def test_every_transition_carries_its_executions_first_sight(world: World) -> None:
+    """created_at on each record, registered, moved, phase-only or made by a detector, so
+    a sink has a duration without a lookup; a restored history carries it too."""
+    first = world.clock()
+    made = [world.send(state_event("r", "starting", agent="a"))]
+    world.clock.advance(2)
+    made.append(world.send(state_event("r", "running")))
+    made.append(world.send(state_event("r", "running", phase="tool")))
+    ex = world.registry.get("default", "r")
+    assert ex is not None
+    made.append(world.registry.expire(ex, S.DEAD, "heartbeat", world.clock(), world.clock()))
+    assert [first] * 4 == [t.created_at for t in made if t is not None]
+    assert 4 == len([t for t in made if t is not None])
+    restored = Registry(world.registry.settings).restore(ex.snapshot())
+    assert [first] * 4 == [t.created_at for t in restored.history]
+
+
 def test_effective_limits_come_from_event_then_agent_then_defaults() -> None:
     """The API shows each limit from the most specific place that sets it."""
     settings = build_settings(
