@@ -22,7 +22,7 @@ from monitor.errors import (
     UnknownExecution,
 )
 from monitor.events import MAX_ATTRIBUTES, Beat, Event, EventType, Kind
-from monitor.model import Execution, FindingChange, Key, Transition
+from monitor.model import NO_ATTRIBUTES, NO_FINDINGS, Execution, FindingChange, Key, Transition
 from monitor.states import FINAL, TERMINAL, ExecState, check_transition
 
 # Enum member lookups cost ~75 ns each on Python 3.11, module constants ~7 ns: the ingest
@@ -288,7 +288,7 @@ class Registry:
         if rss_bytes is not None:
             ex.rss_bytes = rss_bytes
             ex.rss_sampled = False
-            ex.rss_samples.append((now, rss_bytes))
+            ex.add_rss_sample(now, rss_bytes)
 
     def _absorb_detail(self, ex: Execution, event: Event, now: float) -> None:
         """Copy the rest: limits, identity and context fields (rarer, and worth a commit)."""
@@ -305,6 +305,8 @@ class Registry:
         if event.error is not None:
             ex.error = event.error
         if event.attributes:
+            if ex.attributes is NO_ATTRIBUTES:
+                ex.attributes = {}
             ex.attributes.update(event.attributes)
         if event.traceparent is not None:
             ex.traceparent = event.traceparent
@@ -335,6 +337,8 @@ class Registry:
         change = FindingChange(
             ex.tenant, ex.execution_id, ex.agent, ex.kind, finding, True, since, detail, now
         )
+        if ex.findings is NO_FINDINGS:
+            ex.findings = {}
         ex.findings[finding] = change
         self.findings[(ex.key, finding)] = change
         self._changed(ex)
@@ -343,9 +347,11 @@ class Registry:
 
     def clear_finding(self, ex: Execution, finding: str, now: float) -> FindingChange | None:
         """Clear `finding` from `ex`; None if it was not active."""
-        raised = ex.findings.pop(finding, None)
+        raised = ex.findings.pop(finding, None)  # never in NO_FINDINGS: a no-op there
         if raised is None:
             return None
+        if not ex.findings:
+            ex.findings = NO_FINDINGS  # give its own empty back
         del self.findings[(ex.key, finding)]
         change = FindingChange(
             ex.tenant, ex.execution_id, ex.agent, ex.kind, finding, False, now, raised.detail, now

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from monitor import model
 from monitor.config import build_settings
 from monitor.server.app import make_app
 from monitor.server.ingest import Sink
@@ -15,6 +16,14 @@ from monitor.store import Store
 from monitor.testing import FakeClock
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture(autouse=True)
+def _shared_empties_stay_empty() -> Iterator[None]:
+    """Executions share these until they need their own: a write into one would show up
+    in every other execution. Whatever a test did, they must still be empty."""
+    yield
+    assert ({}, {}, ()) == (model.NO_ATTRIBUTES, model.NO_FINDINGS, model.NO_SAMPLES)
 
 
 @pytest.fixture

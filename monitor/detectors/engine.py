@@ -170,7 +170,7 @@ class Detectors:
         """A memory sample taken by the daemon itself (psutil on the execution's pid)."""
         ex.rss_bytes = rss
         ex.rss_sampled = True
-        ex.rss_samples.append((now, rss))
+        ex.add_rss_sample(now, rss)
         ex.version += 1
         self.registry.touched[ex.key] = ex
         self._memory(ex, now)

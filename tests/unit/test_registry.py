@@ -17,6 +17,7 @@ from monitor.errors import (
     UnknownExecution,
 )
 from monitor.events import parse_event
+from monitor.model import NO_ATTRIBUTES, NO_FINDINGS, NO_SAMPLES
 from monitor.registry import Registry, Transition
 from monitor.states import ExecState, StateNames
 from monitor.testing import FakeClock, heartbeat, state_event
@@ -352,6 +353,29 @@ def test_every_transition_carries_its_executions_first_sight(world: World) -> No
     assert 4 == len([t for t in made if t is not None])
     restored = Registry(world.registry.settings).restore(ex.snapshot())
     assert [first] * 4 == [t.created_at for t in restored.history]
+
+
+def test_findings_attributes_and_samples_are_an_executions_own_once_it_has_any(
+    world: World,
+) -> None:
+    """Executions share empty containers until they need their own; a finding, attributes
+    and RSS samples survive a snapshot and a restore, and a cleared last finding hands
+    its container back. (conftest checks the shared empties stay empty.)"""
+    world.send(state_event("r", "running", agent="a", attributes={"k": "v"}, rss_bytes=10))
+    world.send(state_event("plain", "running", agent="a"))
+    ex, plain = world.registry.get("default", "r"), world.registry.get("default", "plain")
+    assert ex is not None
+    assert plain is not None
+    world.registry.raise_finding(ex, "stalled", world.clock(), "no progress", world.clock())
+    assert (NO_ATTRIBUTES, NO_FINDINGS, NO_SAMPLES) == (
+        plain.attributes, plain.findings, plain.rss_samples
+    )  # fmt: skip
+    restored = Registry(world.registry.settings).restore(ex.snapshot())
+    assert {"k": "v"} == restored.attributes
+    assert ["stalled"] == list(restored.findings)
+    assert [(world.clock(), 10)] == list(restored.rss_samples)
+    world.registry.clear_finding(ex, "stalled", world.clock())
+    assert ex.findings is NO_FINDINGS
 
 
 def test_effective_limits_come_from_event_then_agent_then_defaults() -> None:
