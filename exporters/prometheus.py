@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import Exemplar, Metric
 from prometheus_client.exposition import choose_encoder
@@ -30,6 +31,8 @@ from monitor.detectors.engine import Detectors, Record
 from monitor.model import Execution, FindingChange, Key, Transition
 from monitor.states import LIVE, TERMINAL, ExecState
 from monitor.stats import IngestStats
+
+log = structlog.get_logger("execwatch.metrics")
 
 OVERFLOW = "__overflow__"
 OTHER_TENANT = "__other__"
@@ -211,18 +214,27 @@ class MetricsSink:
     def defer(self, records: Sequence[Record]) -> None:
         """Keep `records` to count at settle(): a sweep's slices reach the logs and the
         stream without waiting for the metrics (~1.7 us a death at 100k live), which
-        nobody reads before a scrape, and a scrape settles first."""
+        nobody reads before a scrape, and a scrape settles first. While some execution
+        may carry a trace, count at once: an exemplar needs its execution, which
+        retention may evict before the sweep is over."""
+        if self._traced():
+            self(records)
+            return
+        self.absorb(*self._drain())  # heartbeats first, as when counted at once
         self._kept.append(records)
 
     def settle(self) -> None:
-        """Count every batch kept by defer(), in order."""
-        kept, self._kept = self._kept, []
-        for records in kept:
-            self._count(records)
+        """Count the batches kept by defer(), oldest first. A batch that fails to count
+        raises and is dropped; the ones after it stay kept for the next settle."""
+        kept = self._kept
+        while kept:
+            self._count(kept.pop(0))
 
     def __call__(self, records: Sequence[Record]) -> None:
-        if self._kept:
-            self.settle()  # what came first is counted first
+        if self._kept:  # what came first is counted first
+            self._kept.append(records)
+            self.settle()
+            return
         self._count(records)
 
     def _count(self, records: Sequence[Record]) -> None:
@@ -340,14 +352,21 @@ class ExecwatchCollector(Collector):
         return []  # no collect() at registration
 
     def collect(self) -> Iterator[Metric]:
-        """prometheus_client's view of the same families (tests, other registries)."""
+        """prometheus_client's view of the same families (tests, other registries). Like
+        families(), on the event loop only: it counts what the metrics sink kept."""
         for family in self.families():
             yield family.to_prometheus()
 
     def families(self) -> list[Family]:
         """Every execwatch family, read now (on the event loop: the state is not locked)."""
         started = time.perf_counter()
-        self.sink.settle()
+        while True:  # each failure drops the batch that failed: this ends
+            try:
+                self.sink.settle()
+                break
+            except Exception:
+                self.stats.sink_failures[self.sink.name] += 1
+                log.exception("sink_failed", sink=self.sink.name)
         self.sink.absorb(*self.sink._drain())
         families = [*self._state(), *self._events(), *self._detector_health()]
         self.collect_duration_s = time.perf_counter() - started

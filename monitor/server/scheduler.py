@@ -297,7 +297,8 @@ async def _run_tasks(app: web.Application) -> AsyncIterator[None]:
     if app[SETTINGS].detectors.memory_samples_max:
         tasks.append(asyncio.create_task(run_sampler(app)))
     yield
-    gc.set_threshold(*previous)
+    if gc.get_threshold() == GC_THRESHOLD:  # another app may have set its own since
+        gc.set_threshold(*previous)
     for task in tasks:
         task.cancel()
     for task in tasks:

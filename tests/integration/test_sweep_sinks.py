@@ -3,14 +3,19 @@ metrics count the sweep once it is over, and a scrape in between misses nothing.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
-from exporters.prometheus import MetricsSink
+import pytest
+
+from exporters.prometheus import LAG_BUCKETS, MetricsSink
 from monitor.detectors.engine import Record
+from monitor.events import Kind
 from monitor.model import Transition
 from monitor.server.keys import DETECTORS, INGESTOR, METRICS
 from monitor.server.scheduler import TICK_BUDGET, ProcessWatch, _tick
+from monitor.states import ExecState
 from monitor.testing import FakeClock, state_event
 from tests.conftest import ClientFactory
 from tests.integration.test_api import Client, post
@@ -113,21 +118,78 @@ async def test_a_death_evicted_within_its_sweep_keeps_its_duration(
     assert 15 == value(found, f"{duration}_sum", agent="a", kind="agent", state="dead")
 
 
-async def test_a_failing_metrics_sink_is_counted_and_the_sweep_goes_on(
+async def test_a_slice_the_metrics_fail_to_count_is_counted_as_a_failure_and_only_it(
     make_client: ClientFactory, clock: FakeClock
 ) -> None:
-    """The settle at the end of a sweep fails like any sink: counted, logged, survived."""
+    """A batch that breaks the metrics at settle is dropped and counted as a sink failure;
+    the slices before and after it are counted, and the announcing sinks saw all three."""
     announced: list[int] = []
     client = await make_client(sinks=[lambda records: announced.append(len(records))])
     sink = metrics_sink(client)
+    count = sink._count
+    batches: list[int] = []
 
-    def broken() -> None:
-        raise RuntimeError("boom")
+    def second_fails(records: Sequence[Record]) -> None:
+        batches.append(len(records))
+        if len(batches) == 2:
+            raise RuntimeError("boom")
+        count(records)
 
-    sink.settle = broken  # type: ignore[method-assign]
-    await register(client, 3)
+    await register(client, DEATHS)
+    sink._count = second_fails  # type: ignore[method-assign]
     announced.clear()
     clock.advance(6)
     await sweep(client, clock)
     assert 1 == client.app[INGESTOR].stats.sink_failures["prometheus"]
-    assert [3] == [count for count in announced if count]  # the deaths, announced
+    assert 3 == len([n for n in announced if n])  # every slice announced
+    assert DEATHS - TICK_BUDGET == dead_counted(client)  # the second slice, and only it, lost
+
+
+def test_metrics_kept_behind_a_bad_batch_are_counted_at_the_next_settle() -> None:
+    """Straight on the sink: kept good, bad, good; settle raises at the bad one and keeps
+    the rest; a batch counted at once waits behind what is kept, in order."""
+    from exporters.prometheus import AgentLabels
+
+    sink = MetricsSink(AgentLabels(10), lookup=lambda key: None, trace_id=lambda k, e: None,
+                       traced=lambda: False)  # fmt: skip
+
+    def death(execution_id: str, reason: str = "heartbeat") -> list[Record]:
+        return [Transition("t", execution_id, "a", Kind.AGENT, ExecState.RUNNING,
+                           ExecState.DEAD, 10.0, None, reason, False, 11.0, 0.0)]  # fmt: skip
+
+    sink.defer(death("1"))
+    sink.defer(death("2", reason="bogus"))  # not a detector's reason: counting it raises
+    sink.defer(death("3"))
+    with pytest.raises(KeyError):
+        sink.settle()
+    # 1, and the bad one up to where it failed (its end counted, not its lag); 3 still kept
+    assert 2 == sink.finished[("a", "agent", "dead")]
+    sink.defer(death("4", reason="bogus"))
+    with pytest.raises(KeyError):
+        sink(death("5"))  # 3 counted, then 4 fails; 5 stays kept behind it
+    assert 4 == sink.finished[("a", "agent", "dead")]
+    sink.settle()
+    assert 5 == sink.finished[("a", "agent", "dead")]
+    assert 3 == sink.lags["heartbeat"].counts[bisect_left(LAG_BUCKETS, 1.0)]
+
+
+async def test_while_executions_carry_traces_the_metrics_count_each_slice_at_once(
+    make_client: ClientFactory, clock: FakeClock
+) -> None:
+    """An exemplar needs its execution, which retention may evict before a sweep ends:
+    with traces about, nothing is kept, and each death's exemplar links its trace."""
+    counted_when_seen: list[int] = []
+    client: Client
+
+    def announce(records: Sequence[Record]) -> None:
+        if any(type(r) is Transition and r.reason == "heartbeat" for r in records):
+            counted_when_seen.append(dead_counted(client))
+
+    client = await make_client(sinks=[announce])
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await register(client, DEATHS, traceparent=traceparent)
+    clock.advance(6)
+    await sweep(client, clock)
+    assert [TICK_BUDGET, 2 * TICK_BUDGET, DEATHS] == counted_when_seen
+    text = await scrape(client, "application/openmetrics-text; version=1.0.0")
+    assert '# {trace_id="4bf92f3577b34da6a3ce929d0e0e4736"}' in text

@@ -350,6 +350,7 @@ def test_every_transition_carries_its_executions_first_sight(world: World) -> No
     assert ex is not None
     made.append(world.registry.expire(ex, S.DEAD, "heartbeat", world.clock(), world.clock()))
     assert [first] * 4 == [t.created_at for t in made if t is not None]
+    assert [len(Transition._fields)] * 4 == [len(t) for t in made if t is not None]
     assert 4 == len([t for t in made if t is not None])
     restored = Registry(world.registry.settings).restore(ex.snapshot())
     assert [first] * 4 == [t.created_at for t in restored.history]
@@ -367,9 +368,9 @@ def test_findings_attributes_and_samples_are_an_executions_own_once_it_has_any(
     assert ex is not None
     assert plain is not None
     world.registry.raise_finding(ex, "stalled", world.clock(), "no progress", world.clock())
-    assert (NO_ATTRIBUTES, NO_FINDINGS, NO_SAMPLES) == (
-        plain.attributes, plain.findings, plain.rss_samples
-    )  # fmt: skip
+    assert plain.attributes is NO_ATTRIBUTES
+    assert plain.findings is NO_FINDINGS
+    assert plain.rss_samples is NO_SAMPLES
     restored = Registry(world.registry.settings).restore(ex.snapshot())
     assert {"k": "v"} == restored.attributes
     assert ["stalled"] == list(restored.findings)
