@@ -205,8 +205,8 @@ class LogSink:
         lookup: Callable[[Key], Execution | None],
         traced: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`traced` says whether any execution may carry a caller's trace: when not, and
-        no span is open, no line looks its execution up."""
+        """`traced` says whether any execution may have a trace (a span, or a caller's
+        traceparent): when not, no line looks its execution up."""
         self.traces = traces
         self.lookup = lookup
         self._traced = traced
@@ -226,8 +226,7 @@ class LogSink:
         """The line of each record, made as it is written: one line's dict alive at a time
         stays in the allocator's hot memory, where a list of 1,000 of them cost twice as much
         on a fragmented heap (measured in a 10k-death sweep at 100k live)."""
-        traces = self.traces
-        ids = self._ids if traces.open or traces.ended or self._traced() else None
+        ids = self._ids if self._traced() else None
         for record in records:
             if type(record) is Transition:
                 yield self._transition(record, ids)

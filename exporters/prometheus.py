@@ -224,11 +224,17 @@ class MetricsSink:
         self._kept.append(records)
 
     def settle(self) -> None:
-        """Count the batches kept by defer(), oldest first. A batch that fails to count
-        raises and is dropped; the ones after it stay kept for the next settle."""
-        kept = self._kept
-        while kept:
-            self._count(kept.pop(0))
+        """Count the batches kept by defer(), oldest first. A batch that fails to count is
+        dropped, the others are counted all the same, then the first failure is raised."""
+        kept, self._kept = self._kept, []
+        failure: Exception | None = None
+        for records in kept:
+            try:
+                self._count(records)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def __call__(self, records: Sequence[Record]) -> None:
         if self._kept:  # what came first is counted first
@@ -265,8 +271,7 @@ class MetricsSink:
         pair = (tenant, agent)
         group = self.labels.groups.get(pair) or self.labels(*pair)  # a StrEnum kind is its label
         if old is None:
-            if (*group, kind) not in self.started:
-                self._known(group, kind)
+            self._known(group, kind)
             self.started[(*group, kind)] += 1
         if new in TERMINAL and (old is None or old in LIVE or revived):
             key = (*group, kind, new)
@@ -291,12 +296,7 @@ class MetricsSink:
         if revived:
             self.revivals[group] = self.revivals.get(group, 0) + 1
         if reason is not None and detected_at is not None:
-            detector = DETECTOR.get(reason, reason)
-            key = (*group, detector, reason)
-            detections = self.detections
-            detections[key] = detections.get(key, 0) + 1
-            lag = detected_at - at
-            self.lags[detector].observe(lag if lag > 0 else 0.0)
+            self._detected(group, reason, detected_at - at)
 
     def _known(self, group: Group, kind: str) -> None:
         """Known series start at 0: a group's counters exist from its first execution."""
@@ -360,13 +360,11 @@ class ExecwatchCollector(Collector):
     def families(self) -> list[Family]:
         """Every execwatch family, read now (on the event loop: the state is not locked)."""
         started = time.perf_counter()
-        while True:  # each failure drops the batch that failed: this ends
-            try:
-                self.sink.settle()
-                break
-            except Exception:
-                self.stats.sink_failures[self.sink.name] += 1
-                log.exception("sink_failed", sink=self.sink.name)
+        try:
+            self.sink.settle()  # a batch that failed is dropped: count it, serve the rest
+        except Exception:
+            self.stats.sink_failures[self.sink.name] += 1
+            log.exception("sink_failed", sink=self.sink.name)
         self.sink.absorb(*self.sink._drain())
         families = [*self._state(), *self._events(), *self._detector_health()]
         self.collect_duration_s = time.perf_counter() - started

@@ -262,12 +262,10 @@ class Ingestor:
         """Have the Deferrable sinks count what they kept (the end of a sweep)."""
         for sink in self.sinks:
             if id(sink) in self._deferrable:
-                while True:  # each failure drops the batch that failed: this ends
-                    try:
-                        sink.settle()  # type: ignore[attr-defined]
-                        break
-                    except Exception:
-                        self._sink_failed(sink)
+                try:
+                    sink.settle()  # type: ignore[attr-defined]
+                except Exception:
+                    self._sink_failed(sink)
 
     async def commit(self, records: Sequence[Record] = (), *, checkpoint: bool = False) -> None:
         """Make every owed change durable, then hand `records` and the registry's side

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from exporters.prometheus import LAG_BUCKETS, MetricsSink
+from exporters.prometheus import LAG_BUCKETS, AgentLabels, MetricsSink
 from monitor.detectors.engine import Record
 from monitor.events import Kind
 from monitor.model import Transition
@@ -145,11 +145,9 @@ async def test_a_slice_the_metrics_fail_to_count_is_counted_as_a_failure_and_onl
     assert DEATHS - TICK_BUDGET == dead_counted(client)  # the second slice, and only it, lost
 
 
-def test_metrics_kept_behind_a_bad_batch_are_counted_at_the_next_settle() -> None:
-    """Straight on the sink: kept good, bad, good; settle raises at the bad one and keeps
-    the rest; a batch counted at once waits behind what is kept, in order."""
-    from exporters.prometheus import AgentLabels
-
+def test_a_bad_kept_batch_is_dropped_alone_and_its_failure_raised() -> None:
+    """Straight on the sink: kept good, bad, good; settle counts both good ones, then
+    raises. A batch counted at once waits behind what is kept, in order."""
     sink = MetricsSink(AgentLabels(10), lookup=lambda key: None, trace_id=lambda k, e: None,
                        traced=lambda: False)  # fmt: skip
 
@@ -162,13 +160,14 @@ def test_metrics_kept_behind_a_bad_batch_are_counted_at_the_next_settle() -> Non
     sink.defer(death("3"))
     with pytest.raises(KeyError):
         sink.settle()
-    # 1, and the bad one up to where it failed (its end counted, not its lag); 3 still kept
-    assert 2 == sink.finished[("a", "agent", "dead")]
+    # 1 and 3, and the bad one up to where it failed (its end counted, not its lag)
+    assert 3 == sink.finished[("a", "agent", "dead")]
+    assert 2 == sink.lags["heartbeat"].counts[bisect_left(LAG_BUCKETS, 1.0)]
     sink.defer(death("4", reason="bogus"))
     with pytest.raises(KeyError):
-        sink(death("5"))  # 3 counted, then 4 fails; 5 stays kept behind it
-    assert 4 == sink.finished[("a", "agent", "dead")]
-    sink.settle()
+        sink(death("5"))  # kept first: 4 fails, 5 is counted all the same
+    assert 5 == sink.finished[("a", "agent", "dead")]
+    sink.settle()  # nothing is left kept
     assert 5 == sink.finished[("a", "agent", "dead")]
     assert 3 == sink.lags["heartbeat"].counts[bisect_left(LAG_BUCKETS, 1.0)]
 
